@@ -1,0 +1,20 @@
+"""Small @triton.jit helpers shared by the op modules' kernels."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def downcast(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE with round-to-nearest-even.
+
+    A GPU rounds fp32 -> bf16 to nearest even; the Triton interpreter truncates. Rounding
+    the bits here first (a few integer ops, free in a memory-bound kernel) gives the same,
+    correctly rounded result on both, so interpreter tests check GPU numerics. Inf and NaN
+    survive; a finite value past the bf16 range rounds to inf as it should.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)

@@ -1,0 +1,425 @@
+"""Fused log-prob gathering: log softmax(logits / T)[label], its entropy, and their gradients.
+
+Shapes: N tokens (all leading dims flattened), V vocabulary.
+
+Math, per token i with label y_i and temperature T (z = x / T):
+
+    lse_i  = log Σ_j exp(z_ij)
+    logp_i = z_iy − lse_i                               (0 where y_i == ignore_index)
+    H_i    = −Σ_j p_ij log p_ij = lse_i − Σ_j p_ij z_ij  (p = softmax(z))
+
+    ∂logp_i/∂x_ij = (1[j = y_i] − p_ij) / T
+    ∂H_i/∂x_ij    = −p_ij (log p_ij + H_i) / T
+
+Every algorithm needs this number:
+    SFT   loss = −logp[mask].mean()                       (token cross-entropy)
+    DPO   seq_logp = logp.sum(-1)                         (ignore_index on prompt/pad)
+    PPO   logp per token, for the ratio exp(logp − logp_old) and the KL to the reference
+
+Done naively (``log_softmax(logits.float())`` then ``gather``) it is the largest memory
+consumer of post-training: an N×V float32 copy of the logits, and the same again for its
+gradient. Here the forward is one pass over the vocabulary with an online log-sum-exp
+(running max m, s = Σ exp(z − m), t = Σ exp(z − m)(z − m), so H = log s − t/s without
+cancellation), keeping only lse (N floats) for backward. The backward writes
+g·(onehot − p) − g_H·p·(log p + H) straight into a gradient in the logits' dtype; it never
+builds a float32 copy of the logits.
+
+Bytes moved (b = bytes per logit): forward N·V·b read; backward N·V·b read + N·V·b written.
+
+Implementations (chosen per call, see kernelrl.backend):
+    torch    the formulas above in plain torch (CPU fallback; the oracle is
+             ``token_logprobs_reference``, autograd through log_softmax)
+    triton   one program per row, looping over V in BLOCK_V tiles, fp32 accumulation
+    native   kernelrl._native: CUDA kernels and their C++ CPU twin (csrc/logprobs)
+
+Labels: a label outside [0, V) that is not ``ignore_index`` gives a NaN log-prob and NaN
+gradients for its row (never a plausible number, and no host sync to detect it). With
+``KERNELRL_DEBUG=1`` it raises ValueError instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernelrl import backend as _backend
+from kernelrl.ops._triton_utils import downcast
+from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_labels,
+                                  check_labels_in_range, check_temperature, check_tensor)
+
+__all__ = ["token_logprobs", "token_logprobs_reference", "TokenLogprobsFunction"]
+
+_backend.register_op(
+    "token_logprobs",
+    dtypes={"native": KERNEL_DTYPES, "triton": KERNEL_DTYPES, "torch": FLOAT_DTYPES},
+)
+
+
+# ---------------------------------------------------------------------------------------
+# reference (the test oracle): autograd through log_softmax; bytes: several N×V copies
+# ---------------------------------------------------------------------------------------
+
+def token_logprobs_reference(logits: torch.Tensor, labels: torch.Tensor, *,
+                             temperature: float = 1.0, ignore_index: int = -100,
+                             return_entropy: bool = False):
+    """Plain-torch log-probs (and entropy). Computes in float32, or float64 for float64 input."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    logq = torch.log_softmax(x / temperature, dim=-1)
+    vocab = logits.shape[-1]
+    ignored = labels == ignore_index
+    valid = (labels >= 0) & (labels < vocab)
+    picked = logq.gather(-1, labels.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+    nan = torch.full_like(picked, float("nan"))
+    logp = torch.where(ignored, torch.zeros_like(picked), torch.where(valid, picked, nan))
+    if not return_entropy:
+        return logp
+    p = logq.exp()
+    entropy = -(p * torch.where(p > 0, logq, torch.zeros_like(logq))).sum(-1)
+    return logp, torch.where(ignored, torch.zeros_like(entropy), entropy)
+
+
+# ---------------------------------------------------------------------------------------
+# torch backend: the same row kernels in plain torch (fp32 math, or fp64 for fp64 input)
+# ---------------------------------------------------------------------------------------
+
+def _row_masks(labels, vocab_size, ignore_index):
+    ignored = labels == ignore_index
+    invalid = ~ignored & ((labels < 0) | (labels >= vocab_size))
+    return ignored, invalid
+
+
+def _torch_fwd(logits, labels, inv_temperature, ignore_index, with_entropy):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(acc) * inv_temperature
+    vocab = z.shape[1]
+    ignored, invalid = _row_masks(labels, vocab, ignore_index)
+    lse = torch.logsumexp(z, dim=1)
+    picked = z.gather(1, labels.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
+    zero = torch.zeros_like(lse)
+    logp = torch.where(ignored, zero, torch.where(invalid, torch.full_like(lse, float("nan")),
+                                                  picked - lse))
+    ent = torch.empty(0, dtype=acc, device=z.device)
+    if with_entropy:
+        logq = z - lse.unsqueeze(1)
+        p = logq.exp()
+        ent = torch.where(ignored, zero, -(p * torch.where(p > 0, logq, 0.0)).sum(1))
+    return logp, torch.where(ignored, zero, lse), ent
+
+
+def _torch_bwd(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+               inv_temperature, ignore_index, vocab_size, col_offset):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_cols = logits.shape[1]
+    ignored, invalid = _row_masks(labels, vocab_size, ignore_index)
+    logq = logits.to(acc) * inv_temperature - lse.unsqueeze(1)
+    p = logq.exp()
+    grad = p * (-grad_logp.unsqueeze(1))
+    target = labels - col_offset
+    in_tile = (target >= 0) & (target < n_cols)
+    grad.scatter_add_(1, target.clamp(0, n_cols - 1).unsqueeze(1),
+                      torch.where(in_tile, grad_logp, 0.0).unsqueeze(1))
+    if grad_ent is not None:
+        grad -= grad_ent.unsqueeze(1) * torch.where(p > 0, p * (logq + ent.unsqueeze(1)), 0.0)
+    grad *= inv_temperature
+    grad = torch.where(ignored.unsqueeze(1), 0.0, grad)
+    grad = torch.where(invalid.unsqueeze(1), float("nan"), grad)
+    grad_out.copy_(grad)
+    return grad_out
+
+
+# ---------------------------------------------------------------------------------------
+# Triton: launch configuration (named so that a tuner can replace it; no device queries)
+# ---------------------------------------------------------------------------------------
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for the row kernels.
+
+    A row is swept in BLOCK_V tiles. 4096 columns and 8 warps keep 16 elements in flight
+    per thread on a GPU; the interpreter pays per program and per tile, so it gets wider
+    tiles.
+    """
+    cap = 16384 if _backend.triton_interpret() else 4096
+    block = min(triton.next_power_of_2(max(n_cols, 16)), cap)
+    return block, (4 if block <= 1024 else 8)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,   # [N, V] fp32/fp16/bf16, row stride stride_row, unit column stride
+    labels_ptr,   # [N] int64
+    logp_ptr,     # [N] fp32, out
+    lse_ptr,      # [N] fp32, out (0 on ignored rows)
+    ent_ptr,      # [N] fp32, out (only if HAS_ENTROPY)
+    V,
+    stride_row,
+    inv_temperature, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+):
+    # -- program id -> row; ignored rows sweep no columns
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    row_ptr = logits_ptr + row * stride_row
+    n_cols = tl.where(ignored, 0, V)
+
+    # -- loop: online log-sum-exp; fp32 accumulators m (max), s = Σe^(z-m), t = Σe^(z-m)(z-m)
+    m = tl.zeros((), dtype=tl.float32) - float("inf")
+    s = tl.zeros((), dtype=tl.float32)
+    t = tl.zeros((), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        mask = start + cols < V
+        z = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        z = z * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # all -inf so far: no shift
+        alpha = tl.exp(m - m_ref)
+        d = z - m_ref
+        e = tl.exp(d)
+        t = alpha * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(
+            tl.where(e > 0, e * d, 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+
+    # -- the label's logit, and masked stores
+    valid = (label >= 0) & (label < V)
+    safe = tl.minimum(tl.maximum(label, 0), V - 1)
+    z_y = tl.load(row_ptr + safe, mask=valid & (~ignored), other=0.0).to(tl.float32)
+    log_s = tl.log(tl.where(ignored, 1.0, s))     # ignored rows swept nothing: s = 0
+    lse = m + log_s
+    logp = tl.where(valid, z_y * inv_temperature - lse, float("nan"))
+    tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    if HAS_ENTROPY:
+        tl.store(ent_ptr + row, tl.where(ignored, 0.0, log_s - t / tl.where(ignored, 1.0, s)))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,     # [N, n_cols] fp32/fp16/bf16 tile of vocab ids col_offset.., row stride stride_row
+    labels_ptr,     # [N] int64
+    lse_ptr,        # [N] fp32, from forward
+    ent_ptr,        # [N] fp32, from forward (only if HAS_ENTROPY_GRAD)
+    grad_logp_ptr,  # [N] fp32
+    grad_ent_ptr,   # [N] fp32 (only if HAS_ENTROPY_GRAD)
+    grad_ptr,       # [N, n_cols] logits dtype, out; may alias logits_ptr (read before write)
+    n_cols, vocab_size, col_offset,
+    stride_row, stride_grad_row,
+    inv_temperature, ignore_index,
+    BLOCK_V: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+):
+    # -- program id -> row and its per-row scalars
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    invalid = (~ignored) & ((label < 0) | (label >= vocab_size))
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(grad_logp_ptr + row)
+    if HAS_ENTROPY_GRAD:
+        h = tl.load(ent_ptr + row)
+        g_h = tl.load(grad_ent_ptr + row)
+    target = label - col_offset
+
+    # -- pointers
+    row_ptr = logits_ptr + row * stride_row
+    out_ptr = grad_ptr + row * stride_grad_row
+
+    # -- loop: grad = (g·(onehot − p) − g_H·p·(log p + H)) / T, fp32 math
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        idx = start + cols
+        mask = idx < n_cols
+        x = tl.load(row_ptr + idx, mask=mask & (~ignored), other=0.0).to(tl.float32)
+        logq = x * inv_temperature - lse
+        p = tl.exp(logq)
+        grad = tl.where(idx == target, g, 0.0) - g * p
+        if HAS_ENTROPY_GRAD:
+            grad -= g_h * tl.where(p > 0, p * (logq + h), 0.0)
+        grad = grad * inv_temperature
+        grad = tl.where(invalid, float("nan"), tl.where(ignored, 0.0, grad))
+        # -- masked store, downcast to the logits dtype
+        tl.store(out_ptr + idx, downcast(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _triton_fwd(logits, labels, inv_temperature, ignore_index, with_entropy):
+    n, vocab = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
+    if n:
+        block, warps = _launch_config(vocab)
+        _logprobs_fwd_kernel[(n,)](
+            logits, labels, logp, lse, ent if with_entropy else logp,
+            vocab, logits.stride(0), inv_temperature, ignore_index,
+            BLOCK_V=block, HAS_ENTROPY=with_entropy, num_warps=warps)
+    return logp, lse, ent
+
+
+def _triton_bwd(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+                inv_temperature, ignore_index, vocab_size, col_offset):
+    n, n_cols = logits.shape
+    if n:
+        block, warps = _launch_config(n_cols)
+        has_ent = grad_ent is not None
+        _logprobs_bwd_kernel[(n,)](
+            logits, labels, lse, ent if has_ent else lse, grad_logp,
+            grad_ent if has_ent else grad_logp, grad_out,
+            n_cols, vocab_size, col_offset, logits.stride(0), grad_out.stride(0),
+            inv_temperature, ignore_index,
+            BLOCK_V=block, HAS_ENTROPY_GRAD=has_ent, num_warps=warps)
+    return grad_out
+
+
+# ---------------------------------------------------------------------------------------
+# native: kernelrl._native wrapped as custom ops (so torch.compile and FSDP trace through)
+# ---------------------------------------------------------------------------------------
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _native_call(name: str, device: torch.device, *args) -> None:
+    lib = _backend.native_module()
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            getattr(lib, name + "_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        getattr(lib, name + "_cpu")(*args)
+
+
+@torch.library.custom_op("kernelrl::logprobs_fwd", mutates_args=())
+def _native_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float,
+                ignore_index: int, with_entropy: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, vocab = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
+    if n:
+        _native_call("logprobs_fwd", logits.device, logits.data_ptr(), labels.data_ptr(),
+                     logp.data_ptr(), lse.data_ptr(), ent.data_ptr() if with_entropy else 0,
+                     n, vocab, logits.stride(0), _DTYPE_CODE[logits.dtype],
+                     inv_temperature, ignore_index)
+    return logp, lse, ent
+
+
+@_native_fwd.register_fake
+def _(logits, labels, inv_temperature, ignore_index, with_entropy):
+    n = logits.shape[0]
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (logits.new_empty(n, **f32), logits.new_empty(n, **f32),
+            logits.new_empty(n if with_entropy else 0, **f32))
+
+
+def _native_bwd_launch(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+                       inv_temperature, ignore_index, vocab_size, col_offset):
+    n, n_cols = logits.shape
+    if n:
+        _native_call("logprobs_bwd", logits.device, logits.data_ptr(), labels.data_ptr(),
+                     lse.data_ptr(), ent.data_ptr() if grad_ent is not None else 0,
+                     grad_logp.data_ptr(), grad_ent.data_ptr() if grad_ent is not None else 0,
+                     grad_out.data_ptr(), n, n_cols, vocab_size, col_offset,
+                     logits.stride(0), grad_out.stride(0), _DTYPE_CODE[logits.dtype],
+                     inv_temperature, ignore_index)
+    return grad_out
+
+
+@torch.library.custom_op("kernelrl::logprobs_bwd", mutates_args=("grad_out",))
+def _native_bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                   ent: torch.Tensor, grad_logp: torch.Tensor, grad_ent: torch.Tensor | None,
+                   grad_out: torch.Tensor, inv_temperature: float, ignore_index: int,
+                   vocab_size: int, col_offset: int) -> None:
+    _native_bwd_launch(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+                       inv_temperature, ignore_index, vocab_size, col_offset)
+
+
+def _native_bwd(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+                inv_temperature, ignore_index, vocab_size, col_offset):
+    if grad_out.data_ptr() == logits.data_ptr():
+        # In place (linear_logprobs' recomputed tiles): a custom op may not alias an input
+        # with a mutated argument, so launch directly; the kernels read before they write.
+        return _native_bwd_launch(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+                                  inv_temperature, ignore_index, vocab_size, col_offset)
+    _native_bwd_op(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+                   inv_temperature, ignore_index, vocab_size, col_offset)
+    return grad_out
+
+
+# ---------------------------------------------------------------------------------------
+# row kernels by backend: fwd(logits[N,V], labels[N]) -> (logp, lse, ent);
+# bwd(tile[N,n_cols], ...) writes grad_out[N,n_cols] (which may be the tile itself)
+# ---------------------------------------------------------------------------------------
+
+ROW_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "native": _native_fwd}
+ROW_BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "native": _native_bwd}
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """logits [N, V] (unit column stride), labels [N] int64 -> (logp [N], entropy [N] or [0])."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, inv_temperature, ignore_index, with_entropy, backend):
+        logp, lse, ent = ROW_FWD[backend](logits, labels, inv_temperature, ignore_index,
+                                          with_entropy)
+        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.config = (inv_temperature, ignore_index, with_entropy, backend)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        logits, labels, lse, ent = ctx.saved_tensors
+        inv_temperature, ignore_index, with_entropy, backend = ctx.config
+        acc = lse.dtype
+        n, vocab = logits.shape
+        grad_logp = (torch.zeros(n, dtype=acc, device=logits.device) if grad_logp is None
+                     else grad_logp.to(acc).contiguous())
+        grad_ent = grad_ent.to(acc).contiguous() if with_entropy and grad_ent is not None else None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        ROW_BWD[backend](logits, labels, lse, ent, grad_logp, grad_ent, grad,
+                         inv_temperature, ignore_index, vocab, 0)
+        return grad, None, None, None, None, None
+
+
+def prepare_rows(logits: torch.Tensor, labels: torch.Tensor):
+    """[..., V] logits and [...] labels -> [N, V] with unit column stride, [N] int64."""
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < vocab):
+        rows = rows.contiguous()
+    return rows, labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100, return_entropy: bool = False):
+    """log softmax(logits / temperature)[label], fused, with a fused backward.
+
+    Args:
+        logits: [..., V] float32, float16 or bfloat16 (float64 runs on the torch backend).
+        labels: [...] integer token ids in [0, V), or ``ignore_index``.
+        temperature: divides the logits before the softmax (> 0).
+        ignore_index: label value whose positions give logp = entropy = 0 and no gradient.
+        return_entropy: also return the entropy of softmax(logits / temperature).
+
+    Returns:
+        logp [...] float32 (float64 for float64 logits), or (logp, entropy) when
+        ``return_entropy``. Gradients flow into ``logits`` through both.
+
+    A label outside [0, V) that is not ``ignore_index`` gives NaN (``KERNELRL_DEBUG=1``
+    raises ValueError instead).
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim_min=1)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits: expected a vocabulary dimension of size >= 1, got 0")
+    check_labels("labels", labels, logits.shape[:-1], logits.device)
+    inv_temperature = 1.0 / check_temperature(temperature)
+    ignore_index = int(ignore_index)
+    if _backend.debug_enabled():
+        check_labels_in_range("labels", labels, logits.shape[-1], ignore_index)
+    backend = _backend.select("token_logprobs", logits.device, logits.dtype)
+    rows, flat_labels = prepare_rows(logits, labels)
+    logp, ent = TokenLogprobsFunction.apply(rows, flat_labels, inv_temperature, ignore_index,
+                                            bool(return_entropy), backend)
+    logp = logp.reshape(labels.shape)
+    return (logp, ent.reshape(labels.shape)) if return_entropy else logp
