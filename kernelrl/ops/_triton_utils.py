@@ -18,3 +18,10 @@ def downcast(x, DTYPE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def log1p(r):
+    """log(1 + r), accurate for tiny r (Goldberg's trick: log(u)·r/(u − 1) with u = 1 + r)."""
+    u = 1.0 + r
+    return tl.where(u == 1.0, r, tl.log(u) * (r / tl.where(u == 1.0, 1.0, u - 1.0)))

@@ -7,11 +7,11 @@ B = vocabulary block columns in backward (B ≈ C·V / N, a multiple of 64).
     logp, entropy = token_logprobs(logits, labels, ...)    see kernelrl.ops.logprobs
 
 Forward: token chunks of C rows. Each chunk's logits [C, V] are computed by one matmul in
-the input dtype, swept once by the log-prob row kernel, and dropped; only lse (and the
+the input dtype, swept once by the log-prob row kernel, and dropped; only the row stats (and the
 entropy) — N floats — are kept.
 
 Backward (exact for any per-token upstream gradient g, g_H): vocabulary blocks of B columns.
-With lse and H saved, ∂/∂logits_ij = (g_i(1[j=y_i] − p_ij) − g_Hi p_ij (log p_ij + H_i)) / T
+With the row stats (max, log-sum) and H saved, ∂/∂logits_ij = (g_i(1[j=y_i] − p_ij) − g_Hi p_ij (log p_ij + H_i)) / T
 depends only on row i's scalars, so each block is recomputed (logits[:, v0:v1] = hidden @
 weight[v0:v1].T), turned into its gradient in place by the row kernel, and used twice:
 
@@ -107,11 +107,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
             del logits
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         if parts:
-            logp, lse, ent = (torch.cat(p) for p in zip(*parts))
+            logp, stats, ent = (torch.cat(p) for p in zip(*parts))
         else:
-            logp = lse = torch.empty(0, dtype=acc, device=hidden.device)
-            ent = lse
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+            logp = ent = torch.empty(0, dtype=acc, device=hidden.device)
+            stats = torch.empty(0, 2, dtype=acc, device=hidden.device)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats, ent)
         ctx.config = (inv_temperature, ignore_index, with_entropy, chunk, backend)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
@@ -119,11 +119,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, labels, stats, ent = ctx.saved_tensors
         inv_temperature, ignore_index, with_entropy, chunk, backend = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
-        dtype, acc = hidden.dtype, lse.dtype
+        dtype, acc = hidden.dtype, stats.dtype
         grad_logp = (torch.zeros(n, dtype=acc, device=hidden.device) if grad_logp is None
                      else grad_logp.to(acc).contiguous())
         grad_ent = grad_ent.to(acc).contiguous() if with_entropy and grad_ent is not None else None
@@ -141,7 +141,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             v1 = min(v0 + block, vocab)
             w_blk = weight[v0:v1]
             tile = F.linear(hidden, w_blk, None if bias is None else bias[v0:v1])   # [N, B]
-            bwd(tile, labels, lse, ent, grad_logp, grad_ent, tile, inv_temperature,
+            bwd(tile, labels, stats, ent, grad_logp, grad_ent, tile, inv_temperature,
                 ignore_index, vocab, v0)                                          # in place
             if need_w:
                 torch.mm(tile.t(), hidden, out=grad_w[v0:v1])

@@ -18,9 +18,15 @@ Every algorithm needs this number:
 
 Done naively (``log_softmax(logits.float())`` then ``gather``) it is the largest memory
 consumer of post-training: an N×V float32 copy of the logits, and the same again for its
-gradient. Here the forward is one pass over the vocabulary with an online log-sum-exp
-(running max m, s = Σ exp(z − m), t = Σ exp(z − m)(z − m), so H = log s − t/s without
-cancellation), keeping only lse (N floats) for backward. The backward writes
+gradient. Here the forward is one pass over the vocabulary with an online log-sum-exp over
+the raw logits: running max m of x, s = Σ exp(d), t = Σ exp(d)·d with d = (x − m)/T
+(s kept as s − 1 so that log s = log1p(s − 1) keeps its digits when one token dominates):
+
+    lse = m/T + log s,   logp = (x_y − m)/T − log s,   H = log s − t/s.
+
+Every term is relative to the row max, so nothing cancels: with logits of ±1e4 an fp32
+``z − lse`` would lose 1e-3 to rounding, while ``x − m`` is exact near the max. The
+forward keeps only the row stats (m, log s), 2·N floats, for backward, which writes
 g·(onehot − p) − g_H·p·(log p + H) straight into a gradient in the logits' dtype; it never
 builds a float32 copy of the logits.
 
@@ -44,7 +50,7 @@ import triton
 import triton.language as tl
 
 from kernelrl import backend as _backend
-from kernelrl.ops._triton_utils import downcast
+from kernelrl.ops._triton_utils import downcast, log1p
 from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_labels,
                                   check_labels_in_range, check_temperature, check_tensor)
 
@@ -91,28 +97,33 @@ def _row_masks(labels, vocab_size, ignore_index):
 
 def _torch_fwd(logits, labels, inv_temperature, ignore_index, with_entropy):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(acc) * inv_temperature
-    vocab = z.shape[1]
+    x = logits.to(acc)
+    vocab = x.shape[1]
     ignored, invalid = _row_masks(labels, vocab, ignore_index)
-    lse = torch.logsumexp(z, dim=1)
-    picked = z.gather(1, labels.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
-    zero = torch.zeros_like(lse)
-    logp = torch.where(ignored, zero, torch.where(invalid, torch.full_like(lse, float("nan")),
-                                                  picked - lse))
-    ent = torch.empty(0, dtype=acc, device=z.device)
+    m = x.amax(dim=1)
+    d = (x - m.unsqueeze(1)) * inv_temperature
+    e = d.exp()
+    # log s = log1p(Σ e^d − 1) with the max's own e^0 = 1 left out of the sum
+    log_s = torch.log1p(torch.where(d < 0, e, 0.0).sum(1) + ((d == 0).sum(1) - 1))
+    picked = d.gather(1, labels.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
+    zero = torch.zeros_like(log_s)
+    logp = torch.where(ignored, zero, torch.where(invalid, torch.full_like(zero, float("nan")),
+                                                  picked - log_s))
+    ent = torch.empty(0, dtype=acc, device=x.device)
     if with_entropy:
-        logq = z - lse.unsqueeze(1)
+        logq = d - log_s.unsqueeze(1)
         p = logq.exp()
         ent = torch.where(ignored, zero, -(p * torch.where(p > 0, logq, 0.0)).sum(1))
-    return logp, torch.where(ignored, zero, lse), ent
+    stats = torch.stack([torch.where(ignored, zero, m), torch.where(ignored, zero, log_s)], 1)
+    return logp, stats, ent
 
 
-def _torch_bwd(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+def _torch_bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                inv_temperature, ignore_index, vocab_size, col_offset):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n_cols = logits.shape[1]
     ignored, invalid = _row_masks(labels, vocab_size, ignore_index)
-    logq = logits.to(acc) * inv_temperature - lse.unsqueeze(1)
+    logq = (logits.to(acc) - stats[:, :1]) * inv_temperature - stats[:, 1:]
     p = logq.exp()
     grad = p * (-grad_logp.unsqueeze(1))
     target = labels - col_offset
@@ -149,7 +160,7 @@ def _logprobs_fwd_kernel(
     logits_ptr,   # [N, V] fp32/fp16/bf16, row stride stride_row, unit column stride
     labels_ptr,   # [N] int64
     logp_ptr,     # [N] fp32, out
-    lse_ptr,      # [N] fp32, out (0 on ignored rows)
+    stats_ptr,    # [N, 2] fp32, out: (max logit m, log s); 0 on ignored rows
     ent_ptr,      # [N] fp32, out (only if HAS_ENTROPY)
     V,
     stride_row,
@@ -163,43 +174,52 @@ def _logprobs_fwd_kernel(
     row_ptr = logits_ptr + row * stride_row
     n_cols = tl.where(ignored, 0, V)
 
-    # -- loop: online log-sum-exp; fp32 accumulators m (max), s = Σe^(z-m), t = Σe^(z-m)(z-m)
+    # -- loop: online log-sum-exp, fp32 accumulators. m = running max of x; with
+    #    d = (x - m)/T: r = Σ e^d - 1 (the max's own e^0 = 1 left out, so that log s =
+    #    log1p(r) keeps its digits when one token dominates) and t = Σ e^d·d. Rescaled
+    #    when m grows; r = -1 is the empty sum.
     m = tl.zeros((), dtype=tl.float32) - float("inf")
-    s = tl.zeros((), dtype=tl.float32)
+    r = tl.zeros((), dtype=tl.float32) - 1.0
     t = tl.zeros((), dtype=tl.float32)
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         mask = start + cols < V
-        z = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        z = z * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # all -inf so far: no shift
-        alpha = tl.exp(m - m_ref)
-        d = z - m_ref
+        x = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        finite = m_new > float("-inf")
+        ref = tl.where(finite, m_new, 0.0)
+        grew = m_new > m
+        shift = (m - ref) * inv_temperature                 # <= 0; -inf while m is -inf
+        alpha = tl.exp(shift)
+        d = (x - ref) * inv_temperature
         e = tl.exp(d)
-        t = alpha * (t + tl.where(s > 0, s * (m - m_ref), 0.0)) + tl.sum(
-            tl.where(e > 0, e * d, 0.0), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
+        below = x < m_new
+        e_below = tl.sum(tl.where(below, e, 0.0), axis=0)
+        n_max = tl.where(finite, tl.sum(tl.where(x == m_new, 1.0, 0.0), axis=0), 0.0)
+        rescaled = tl.where(m > float("-inf"), (1.0 + r) * shift, 0.0)
+        t = alpha * (t + tl.where(grew, rescaled, 0.0)) + tl.sum(
+            tl.where(below & (e > 0), e * d, 0.0), axis=0)
+        r = tl.where(grew, alpha * (1.0 + r) + e_below + (n_max - 1.0), r + e_below + n_max)
         m = m_new
 
     # -- the label's logit, and masked stores
     valid = (label >= 0) & (label < V)
     safe = tl.minimum(tl.maximum(label, 0), V - 1)
-    z_y = tl.load(row_ptr + safe, mask=valid & (~ignored), other=0.0).to(tl.float32)
-    log_s = tl.log(tl.where(ignored, 1.0, s))     # ignored rows swept nothing: s = 0
-    lse = m + log_s
-    logp = tl.where(valid, z_y * inv_temperature - lse, float("nan"))
+    x_y = tl.load(row_ptr + safe, mask=valid & (~ignored), other=0.0).to(tl.float32)
+    log_s = log1p(tl.where(ignored, 0.0, r))      # ignored rows swept nothing
+    logp = tl.where(valid, (x_y - m) * inv_temperature - log_s, float("nan"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
-    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    tl.store(stats_ptr + 2 * row, tl.where(ignored, 0.0, m))
+    tl.store(stats_ptr + 2 * row + 1, tl.where(ignored, 0.0, log_s))
     if HAS_ENTROPY:
-        tl.store(ent_ptr + row, tl.where(ignored, 0.0, log_s - t / tl.where(ignored, 1.0, s)))
+        tl.store(ent_ptr + row, tl.where(ignored, 0.0, log_s - t / (1.0 + tl.where(ignored, 0.0, r))))
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr,     # [N, n_cols] fp32/fp16/bf16 tile of vocab ids col_offset.., row stride stride_row
     labels_ptr,     # [N] int64
-    lse_ptr,        # [N] fp32, from forward
+    stats_ptr,      # [N, 2] fp32 from forward: (max logit m, log s)
     ent_ptr,        # [N] fp32, from forward (only if HAS_ENTROPY_GRAD)
     grad_logp_ptr,  # [N] fp32
     grad_ent_ptr,   # [N] fp32 (only if HAS_ENTROPY_GRAD)
@@ -214,7 +234,8 @@ def _logprobs_bwd_kernel(
     label = tl.load(labels_ptr + row)
     ignored = label == ignore_index
     invalid = (~ignored) & ((label < 0) | (label >= vocab_size))
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
     g = tl.load(grad_logp_ptr + row)
     if HAS_ENTROPY_GRAD:
         h = tl.load(ent_ptr + row)
@@ -231,7 +252,7 @@ def _logprobs_bwd_kernel(
         idx = start + cols
         mask = idx < n_cols
         x = tl.load(row_ptr + idx, mask=mask & (~ignored), other=0.0).to(tl.float32)
-        logq = x * inv_temperature - lse
+        logq = (x - m) * inv_temperature - log_s
         p = tl.exp(logq)
         grad = tl.where(idx == target, g, 0.0) - g * p
         if HAS_ENTROPY_GRAD:
@@ -245,25 +266,25 @@ def _logprobs_bwd_kernel(
 def _triton_fwd(logits, labels, inv_temperature, ignore_index, with_entropy):
     n, vocab = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
     ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if n:
         block, warps = _launch_config(vocab)
         _logprobs_fwd_kernel[(n,)](
-            logits, labels, logp, lse, ent if with_entropy else logp,
+            logits, labels, logp, stats, ent if with_entropy else logp,
             vocab, logits.stride(0), inv_temperature, ignore_index,
             BLOCK_V=block, HAS_ENTROPY=with_entropy, num_warps=warps)
-    return logp, lse, ent
+    return logp, stats, ent
 
 
-def _triton_bwd(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+def _triton_bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                 inv_temperature, ignore_index, vocab_size, col_offset):
     n, n_cols = logits.shape
     if n:
         block, warps = _launch_config(n_cols)
         has_ent = grad_ent is not None
         _logprobs_bwd_kernel[(n,)](
-            logits, labels, lse, ent if has_ent else lse, grad_logp,
+            logits, labels, stats, ent if has_ent else stats, grad_logp,
             grad_ent if has_ent else grad_logp, grad_out,
             n_cols, vocab_size, col_offset, logits.stride(0), grad_out.stride(0),
             inv_temperature, ignore_index,
@@ -293,30 +314,30 @@ def _native_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: flo
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, vocab = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
     ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if n:
         _native_call("logprobs_fwd", logits.device, logits.data_ptr(), labels.data_ptr(),
-                     logp.data_ptr(), lse.data_ptr(), ent.data_ptr() if with_entropy else 0,
+                     logp.data_ptr(), stats.data_ptr(), ent.data_ptr() if with_entropy else 0,
                      n, vocab, logits.stride(0), _DTYPE_CODE[logits.dtype],
                      inv_temperature, ignore_index)
-    return logp, lse, ent
+    return logp, stats, ent
 
 
 @_native_fwd.register_fake
 def _(logits, labels, inv_temperature, ignore_index, with_entropy):
     n = logits.shape[0]
     f32 = dict(dtype=torch.float32, device=logits.device)
-    return (logits.new_empty(n, **f32), logits.new_empty(n, **f32),
+    return (logits.new_empty(n, **f32), logits.new_empty((n, 2), **f32),
             logits.new_empty(n if with_entropy else 0, **f32))
 
 
-def _native_bwd_launch(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+def _native_bwd_launch(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                        inv_temperature, ignore_index, vocab_size, col_offset):
     n, n_cols = logits.shape
     if n:
         _native_call("logprobs_bwd", logits.device, logits.data_ptr(), labels.data_ptr(),
-                     lse.data_ptr(), ent.data_ptr() if grad_ent is not None else 0,
+                     stats.data_ptr(), ent.data_ptr() if grad_ent is not None else 0,
                      grad_logp.data_ptr(), grad_ent.data_ptr() if grad_ent is not None else 0,
                      grad_out.data_ptr(), n, n_cols, vocab_size, col_offset,
                      logits.stride(0), grad_out.stride(0), _DTYPE_CODE[logits.dtype],
@@ -325,28 +346,28 @@ def _native_bwd_launch(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
 
 
 @torch.library.custom_op("kernelrl::logprobs_bwd", mutates_args=("grad_out",))
-def _native_bwd_op(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+def _native_bwd_op(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
                    ent: torch.Tensor, grad_logp: torch.Tensor, grad_ent: torch.Tensor | None,
                    grad_out: torch.Tensor, inv_temperature: float, ignore_index: int,
                    vocab_size: int, col_offset: int) -> None:
-    _native_bwd_launch(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+    _native_bwd_launch(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                        inv_temperature, ignore_index, vocab_size, col_offset)
 
 
-def _native_bwd(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+def _native_bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                 inv_temperature, ignore_index, vocab_size, col_offset):
     if grad_out.data_ptr() == logits.data_ptr():
         # In place (linear_logprobs' recomputed tiles): a custom op may not alias an input
         # with a mutated argument, so launch directly; the kernels read before they write.
-        return _native_bwd_launch(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+        return _native_bwd_launch(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                                   inv_temperature, ignore_index, vocab_size, col_offset)
-    _native_bwd_op(logits, labels, lse, ent, grad_logp, grad_ent, grad_out,
+    _native_bwd_op(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                    inv_temperature, ignore_index, vocab_size, col_offset)
     return grad_out
 
 
 # ---------------------------------------------------------------------------------------
-# row kernels by backend: fwd(logits[N,V], labels[N]) -> (logp, lse, ent);
+# row kernels by backend: fwd(logits[N,V], labels[N]) -> (logp, stats [N, 2], ent);
 # bwd(tile[N,n_cols], ...) writes grad_out[N,n_cols] (which may be the tile itself)
 # ---------------------------------------------------------------------------------------
 
@@ -359,9 +380,9 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, inv_temperature, ignore_index, with_entropy, backend):
-        logp, lse, ent = ROW_FWD[backend](logits, labels, inv_temperature, ignore_index,
+        logp, stats, ent = ROW_FWD[backend](logits, labels, inv_temperature, ignore_index,
                                           with_entropy)
-        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.save_for_backward(logits, labels, stats, ent)
         ctx.config = (inv_temperature, ignore_index, with_entropy, backend)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
@@ -369,15 +390,15 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
+        logits, labels, stats, ent = ctx.saved_tensors
         inv_temperature, ignore_index, with_entropy, backend = ctx.config
-        acc = lse.dtype
+        acc = stats.dtype
         n, vocab = logits.shape
         grad_logp = (torch.zeros(n, dtype=acc, device=logits.device) if grad_logp is None
                      else grad_logp.to(acc).contiguous())
         grad_ent = grad_ent.to(acc).contiguous() if with_entropy and grad_ent is not None else None
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ROW_BWD[backend](logits, labels, lse, ent, grad_logp, grad_ent, grad,
+        ROW_BWD[backend](logits, labels, stats, ent, grad_logp, grad_ent, grad,
                          inv_temperature, ignore_index, vocab, 0)
         return grad, None, None, None, None, None
 

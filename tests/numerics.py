@@ -1,0 +1,43 @@
+"""Comparison against float64 references, per ../shared/DESIGN.md's testing rules.
+
+Two bounds for every checked tensor:
+  1. relative norm error ‖out − ref‖ / ‖ref‖ under the dtype's target
+     (fp32 1e-5, fp16/bf16 1e-2, fp64 1e-10);
+  2. ‖out − ref‖ at most 2× the error of the eager torch computation in the same dtype,
+     plus one fp32 ulp of ‖ref‖ (eager fp32 can be exact to the last bit by luck).
+NaN positions must match the reference's exactly.
+"""
+
+import torch
+
+TARGET = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+ULP32 = 2.0 ** -23
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, eager: torch.Tensor | None,
+          dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out, ref = out.detach().double(), ref.detach().double()
+    nan_out, nan_ref = out.isnan(), ref.isnan()
+    assert torch.equal(nan_out, nan_ref), (
+        f"{name}: NaN at {int(nan_out.sum())} positions, reference has {int(nan_ref.sum())}")
+    keep = ~nan_ref
+    out, ref = out[keep], ref[keep]
+    ref_norm = ref.norm().item()
+    err = (out - ref).norm().item()
+    if ref_norm == 0.0:
+        assert err == 0.0, f"{name}: reference is all zero, output has norm {out.norm().item()}"
+        return
+    assert err / ref_norm < TARGET[dtype], (
+        f"{name}: relative error {err / ref_norm:.3e} over the {dtype} target {TARGET[dtype]:.0e}")
+    if eager is not None:
+        eager = eager.detach().double()[keep]
+        eager_err = (eager - ref).norm().item()
+        bound = 2.0 * eager_err + ULP32 * ref_norm
+        assert err <= bound, (f"{name}: error {err:.3e} exceeds 2x eager torch's "
+                              f"{eager_err:.3e} (+1 ulp of |ref|)")
