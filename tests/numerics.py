@@ -5,6 +5,9 @@ Two bounds for every checked tensor:
      (fp32 1e-5, fp16/bf16 1e-2, fp64 1e-10);
   2. ‖out − ref‖ at most 2× the error of the eager torch computation in the same dtype,
      plus one fp32 ulp of ‖ref‖ (eager fp32 can be exact to the last bit by luck).
+For ill-conditioned inputs (``ill_conditioned=True``: extreme values where the input dtype
+itself cannot meet the target, e.g. fp32 logits in the thousands out of a matmul) only
+bound 2 applies, and an eager result is then required.
 NaN positions must match the reference's exactly.
 """
 
@@ -20,7 +23,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(name: str, out: torch.Tensor, ref: torch.Tensor, eager: torch.Tensor | None,
-          dtype: torch.dtype) -> None:
+          dtype: torch.dtype, ill_conditioned: bool = False) -> None:
+    assert eager is not None or not ill_conditioned, "ill-conditioned checks need eager"
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     out, ref = out.detach().double(), ref.detach().double()
     nan_out, nan_ref = out.isnan(), ref.isnan()
@@ -33,7 +37,7 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, eager: torch.Tensor |
     if ref_norm == 0.0:
         assert err == 0.0, f"{name}: reference is all zero, output has norm {out.norm().item()}"
         return
-    assert err / ref_norm < TARGET[dtype], (
+    assert ill_conditioned or err / ref_norm < TARGET[dtype], (
         f"{name}: relative error {err / ref_norm:.3e} over the {dtype} target {TARGET[dtype]:.0e}")
     if eager is not None:
         eager = eager.detach().double()[keep]

@@ -91,25 +91,82 @@ def _mm_fp32_out(device_type: str) -> bool:
         return False
 
 
+_TILE_IGNORE, _TILE_OUTSIDE = -2, -1   # tile-relative labels: ignored row, label in another block
+
+
+def _tile_labels(labels, ignored, v0, width):
+    """Labels relative to vocabulary block [v0, v0 + width): y − v0 inside it, else a marker.
+
+    The markers are negative, so they never collide with an in-block id, whatever the
+    caller's ignore_index is.
+    """
+    inside = (labels >= v0) & (labels < v0 + width)
+    return torch.where(ignored, _TILE_IGNORE, torch.where(inside, labels - v0, _TILE_OUTSIDE))
+
+
+def _merge_blocks(parts, labels, ignored, invalid, block, inv_temperature, with_entropy):
+    """Combine per-block row results into full-vocabulary logp, row stats and entropy.
+
+    Block b has max logit m_b, log s_b (its own log-sum, relative to m_b), its entropy H_b
+    and, if it holds the label, logp_b. With m = max_b m_b and a_b = log s_b + (m_b − m)/T:
+        S − 1 = expm1(a_b*) + Σ_{b≠b*} e^{a_b}          (b* holds the max: no cancellation)
+        logp  = logp_b(y) + a_b(y) − log S,    w_b = e^{a_b − log S},
+        H     = Σ_b w_b (H_b − log w_b)        (entropy of a mixture of disjoint supports)
+    All tensors here are [blocks, N]; nothing here is V-sized.
+    """
+    logp_b = torch.stack([p[0] for p in parts])
+    m_b = torch.stack([p[1][:, 0] for p in parts])
+    log_s_b = torch.stack([p[1][:, 1] for p in parts])
+    m, top = m_b.max(dim=0)
+    a = log_s_b + (m_b - m) * inv_temperature
+    is_top = torch.arange(len(parts), device=m.device).unsqueeze(1) == top
+    rest = torch.where(is_top, 0.0, a.exp()).sum(0)
+    log_total = torch.log1p(torch.expm1(a.gather(0, top.unsqueeze(0)).squeeze(0)) + rest)
+    home = (labels.clamp(min=0) // block).clamp(max=len(parts) - 1).unsqueeze(0)
+    logp = logp_b.gather(0, home).squeeze(0) + a.gather(0, home).squeeze(0) - log_total
+    zero = torch.zeros_like(logp)
+    logp = torch.where(ignored, zero, torch.where(invalid, torch.full_like(zero, float("nan")),
+                                                  logp))
+    stats = torch.stack([torch.where(ignored, zero, m), torch.where(ignored, zero, log_total)], 1)
+    ent = zero[:0]
+    if with_entropy:
+        log_w = a - log_total
+        w = log_w.exp()
+        ent_b = torch.stack([p[2] for p in parts])
+        ent = torch.where(ignored, zero, torch.where(w > 0, w * (ent_b - log_w), 0.0).sum(0))
+    return logp, stats, ent
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
-    """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 -> (logp, entropy)."""
+    """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 -> (logp, entropy).
+
+    Forward and backward sweep the same vocabulary blocks with the same matmul, so the
+    logits recomputed in backward are bitwise those of the forward.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_temperature, ignore_index,
                 with_entropy, chunk, backend):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        ignored = labels == ignore_index
+        invalid = ~ignored & ((labels < 0) | (labels >= vocab))
+        block = _vocab_block(n, vocab, chunk)
         fwd = ROW_FWD[backend]
         parts = []
-        for start in range(0, n, chunk):
-            logits = F.linear(hidden[start:start + chunk], weight, bias)     # [C, V]
-            parts.append(fwd(logits, labels[start:start + chunk], inv_temperature,
-                             ignore_index, with_entropy))
-            del logits
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        for v0 in range(0, vocab if n else 0, block):
+            width = min(block, vocab - v0)
+            tile = F.linear(hidden, weight[v0:v0 + width],
+                            None if bias is None else bias[v0:v0 + width])     # [N, B]
+            parts.append(fwd(tile, _tile_labels(labels, ignored, v0, width), inv_temperature,
+                             _TILE_IGNORE, with_entropy))
+            del tile
         if parts:
-            logp, stats, ent = (torch.cat(p) for p in zip(*parts))
+            logp, stats, ent = _merge_blocks(parts, labels, ignored, invalid, block,
+                                             inv_temperature, with_entropy)
         else:
-            logp = ent = torch.empty(0, dtype=acc, device=hidden.device)
+            logp = torch.empty(0, dtype=acc, device=hidden.device)
+            ent = torch.empty(0, dtype=acc, device=hidden.device)
             stats = torch.empty(0, 2, dtype=acc, device=hidden.device)
         ctx.save_for_backward(hidden, weight, bias, labels, stats, ent)
         ctx.config = (inv_temperature, ignore_index, with_entropy, chunk, backend)

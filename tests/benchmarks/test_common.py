@@ -48,6 +48,25 @@ def test_time_cpu_real_clock_counts_calls():
     assert res["median_ms"] == statistics.median(res["times_ms"]) >= 0
 
 
+def test_time_cpu_interleaved_round_robin_and_errors():
+    log = []
+
+    def make(name):
+        return lambda: log.append(name)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    res = common.time_cpu_interleaved({"a": make("a"), "b": make("b"), "bad": broken},
+                                      warmup=1, reps=5)
+    assert isinstance(res["bad"], RuntimeError)
+    assert len(res["a"]["times_ms"]) == 5 and len(res["b"]["times_ms"]) == 5
+    assert log.count("a") == 6 and log.count("b") == 6
+    timed = log[2:]  # after the warm-ups: each round runs a and b once, alternating first
+    assert all(sorted(timed[i:i + 2]) == ["a", "b"] for i in range(0, 10, 2))
+    assert timed[0] != timed[2]
+
+
 def _row(case, impl, ms, status="ok", dtype="bf16", shape=None):
     return {"bench": "logprobs", "case": case, "shape": shape or {"N": 8, "V": 16},
             "dtype": dtype, "impl": impl, "median_ms": ms, "status": status}
@@ -98,6 +117,44 @@ def test_json_writer_schema_and_merge(tmp_path):
     assert len(merged["results"]) == 3
     assert json.loads((tmp_path / "m.json").read_text())["kernelrl"] == "abc123"
     assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_run_case_reports_failures_and_mismatches_as_rows():
+    torch = pytest.importorskip("torch")
+
+    def make_inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(64, 32, generator=g)}
+
+    def check(ref, out):
+        diff = (out[0] - ref[0]).abs().max().item()
+        return None if diff <= 1e-6 else f"max abs diff {diff:.3g}"
+
+    def broken():
+        raise ImportError("peer not installed")
+
+    impls = {
+        "eager": common.Impl(lambda: lambda x: (x["x"].softmax(-1),)),
+        "good": common.Impl(lambda: lambda x: (x["x"].exp() / x["x"].exp().sum(-1, keepdim=True),)),
+        "wrong": common.Impl(lambda: lambda x: (x["x"].softmax(0),)),
+        "crashes": common.Impl(lambda: lambda x: (_ for _ in ()).throw(RuntimeError("oom"))),
+        "missing": common.Impl(broken),
+        "skipped": common.Impl(lambda: None, skip="CUDA only"),
+    }
+    case = common.Case(bench="t", case_id="softmax", case="softmax fwd", shape={"N": 64, "V": 32},
+                       dtype="fp32", make_inputs=make_inputs, impls=impls, check=check,
+                       bytes_moved=2 * 64 * 32 * 4, device="cpu")
+    rows = {r["impl"]: r for r in common.run_case(case, {"copy_gbps": 10.0}, reps=5,
+                                                  measure_memory=False)}
+    assert rows["eager"]["status"] == "ok" and rows["good"]["status"] == "ok"
+    assert rows["good"]["median_ms"] > 0 and rows["good"]["gbps"] > 0
+    assert rows["good"]["fraction_of_ceiling"] == pytest.approx(rows["good"]["gbps"] / 10.0)
+    assert rows["wrong"]["status"] == "error" and "mismatch" in rows["wrong"]["error"]
+    assert rows["crashes"]["status"] == "error" and "oom" in rows["crashes"]["error"]
+    assert rows["missing"]["status"] == "error" and "not installed" in rows["missing"]["error"]
+    assert rows["skipped"]["status"] == "skipped" and rows["skipped"]["note"] == "CUDA only"
+    for name in ("wrong", "crashes", "missing", "skipped"):
+        assert rows[name]["median_ms"] is None
 
 
 CHILD = textwrap.dedent("""

@@ -1,0 +1,197 @@
+"""linear_logprobs: every backend against the float64 full-size reference, with gradients."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import DEVICES, use_backend
+from kernelrl.ops import linear_logprobs
+from kernelrl.ops.linear_logprobs import _vocab_block, linear_logprobs_reference
+from numerics import check
+
+BACKENDS = ["torch", "triton", "native"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(n, width, vocab, dtype, device, bias=True, ignore_frac=0.1):
+    hidden = torch.randn(n, width, device=device).to(dtype)
+    weight = (torch.randn(vocab, width, device=device) / width ** 0.5 * 2).to(dtype)
+    b = (torch.randn(vocab, device=device) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, (n,), device=device)
+    labels[torch.rand(n, device=device) < ignore_frac] = -100
+    return hidden, weight, b, labels
+
+
+def run(fn, hidden, weight, bias, labels, g_logp, g_ent, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = fn(h, w, labels, bias=b, return_entropy=g_ent is not None, **kw)
+    logp, ent = out if g_ent is not None else (out, None)
+    loss = (logp * g_logp).sum() + ((ent * g_ent).sum() if g_ent is not None else 0)
+    loss.backward()
+    return logp.detach(), ent, h.grad, w.grad, None if b is None else b.grad
+
+
+def compare(hidden, weight, bias, labels, *, entropy=True, temperature=1.0,
+            ill_conditioned=False, **kw):
+    dtype = hidden.dtype
+    g_logp = torch.randn(labels.shape, device=hidden.device)
+    g_ent = torch.randn(labels.shape, device=hidden.device) if entropy else None
+    out = run(linear_logprobs, hidden, weight, bias, labels, g_logp, g_ent,
+              temperature=temperature, **kw)
+    to64 = (lambda t: None if t is None else t.double())
+    ref = run(linear_logprobs_reference, to64(hidden), to64(weight), to64(bias), labels,
+              g_logp.double(), to64(g_ent), temperature=temperature)
+    eager = run(linear_logprobs_reference, hidden, weight, bias, labels, g_logp, g_ent,
+                temperature=temperature)
+    for i, name in enumerate(["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]):
+        if ref[i] is not None:
+            check(name, out[i], ref[i], eager[i], dtype, ill_conditioned)
+    assert out[2].dtype == dtype and out[3].dtype == dtype
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("bias,entropy,temperature", [(True, True, 0.8), (False, False, 1.0)])
+def test_matches_reference_across_chunks(monkeypatch, name, dtype, device, bias, entropy,
+                                         temperature):
+    use_backend(monkeypatch, name, device, op="linear_logprobs", dtype=dtype)
+    hidden, weight, b, labels = make_inputs(150, 48, 1000, dtype, device, bias=bias)
+    # 150 rows in chunks of 64 (3 chunks, the last ragged); backward blocks of 448 columns
+    assert _vocab_block(150, 1000, 64) == 448
+    compare(hidden, weight, b, labels, entropy=entropy, temperature=temperature, chunk_size=64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [1, 7, None, 10_000])
+def test_chunk_sizes(monkeypatch, name, device, chunk_size):
+    use_backend(monkeypatch, name, device, op="linear_logprobs")
+    hidden, weight, b, labels = make_inputs(23, 16, 301, torch.float32, device)
+    compare(hidden, weight, b, labels, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reductions(monkeypatch, name, device, reduction):
+    use_backend(monkeypatch, name, device, op="linear_logprobs")
+    hidden, weight, b, labels = make_inputs(40, 32, 500, torch.float32, device, ignore_frac=0.3)
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_logprobs(h, weight, labels, bias=b, reduction=reduction,
+                                return_entropy=True, chunk_size=16)
+    (3.0 * logp - 0.5 * ent).backward()
+    h64 = hidden.double().requires_grad_()
+    ref, ref_ent = linear_logprobs_reference(h64, weight.double(), labels, bias=b.double(),
+                                             return_entropy=True)
+    count = (labels != -100).sum() if reduction == "mean" else 1
+    ref, ref_ent = ref.sum() / count, ref_ent.sum() / count
+    (3.0 * ref - 0.5 * ref_ent).backward()
+    check("logp", logp.reshape(1), ref.reshape(1), None, torch.float32)
+    check("entropy", ent.reshape(1), ref_ent.reshape(1), None, torch.float32)
+    check("grad_hidden", h.grad, h64.grad, None, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_batched_hidden_and_all_masked_sequence(monkeypatch, name, device):
+    use_backend(monkeypatch, name, device, op="linear_logprobs")
+    hidden = torch.randn(3, 11, 24, device=device)
+    weight = torch.randn(257, 24, device=device)
+    labels = torch.randint(0, 257, (3, 11), device=device)
+    labels[1] = -100                                              # an all-masked sequence
+    h = hidden.clone().requires_grad_()
+    logp = linear_logprobs(h, weight, labels, chunk_size=5)       # weight frozen
+    assert logp.shape == (3, 11)
+    g = torch.randn_like(logp)
+    (logp * g).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    ref = linear_logprobs_reference(h64, weight.double(), labels)
+    (ref * g.double()).sum().backward()
+    check("logp", logp, ref, None, torch.float32)
+    check("grad_hidden", h.grad, h64.grad, None, torch.float32)
+    assert torch.all(h.grad[1] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_extreme_logits(monkeypatch, name, dtype, device):
+    """Logits in the thousands: the matmul's own rounding is past the fp32 target, so
+    the bound is 2x eager torch's error (forward chunks and backward blocks round apart)."""
+    use_backend(monkeypatch, name, device, op="linear_logprobs", dtype=dtype)
+    hidden, weight, b, labels = make_inputs(60, 24, 301, dtype, device)
+    hidden = (hidden.float() * 300).to(dtype)
+    compare(hidden, weight, b, labels, chunk_size=16, ill_conditioned=True)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_no_tensor_of_n_by_v_is_ever_created(monkeypatch, name):
+    """Record every tensor any aten op returns during forward + backward."""
+    use_backend(monkeypatch, name, "cpu", op="linear_logprobs")
+    n, width, vocab, chunk = 512, 8, 2048, 32
+    hidden, weight, b, labels = make_inputs(n, width, vocab, torch.float32, "cpu")
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):   # bytes: the interpreter views tiles as bytes
+                    Largest.nbytes = max(Largest.nbytes, t.numel() * t.element_size())
+            return out
+
+    with Largest():
+        logp, ent = linear_logprobs(hidden, weight, labels, bias=b, chunk_size=chunk,
+                                    return_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+    # the largest tile is C·V (forward) or N·B ≈ C·V rounded up to 64 columns (backward)
+    assert Largest.nbytes <= n * _vocab_block(n, vocab, chunk) * 4
+    assert Largest.nbytes <= n * vocab * 4 // 8
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_gradcheck_float64(with_entropy):
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(130, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(130, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 130, (7,))
+    labels[3] = -100
+
+    def fn(h, w, b):
+        return linear_logprobs(h, w, labels, bias=b, temperature=0.9, chunk_size=3,
+                               return_entropy=with_entropy)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_empty_input():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    logp = linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long))
+    logp.sum().backward()
+    assert logp.shape == (0,) and torch.all(weight.grad == 0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(weight=torch.ones(10, 4, dtype=torch.float16)),
+     r"weight: expected dtype in \(float32\), got float16"),
+    (dict(weight=torch.ones(10, 5)), r"weight: expected shape \[V, 4\]"),
+    (dict(bias=torch.ones(9)), r"bias: expected shape \[10\], got \(9,\)"),
+    (dict(labels=torch.zeros(3, dtype=torch.long)), r"labels: expected shape \(2,\)"),
+    (dict(reduction="avg"), "reduction: expected one of"),
+    (dict(chunk_size=0), "chunk_size: expected a positive int or None, got 0"),
+    (dict(temperature=-1.0), "temperature: expected a finite value > 0"),
+])
+def test_bad_input_raises_value_error_naming_the_argument(kwargs, message):
+    args = dict(hidden=torch.ones(2, 4), weight=torch.ones(10, 4),
+                labels=torch.zeros(2, dtype=torch.long))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
