@@ -1,22 +1,30 @@
 """Log-probs from hidden states and the lm_head, without ever holding the N×V logits.
 
 Shapes: N tokens (leading dims flattened), H hidden, V vocabulary, C chunk rows,
-B = vocabulary block columns in backward (B ≈ C·V / N, a multiple of 64).
+B vocabulary block columns, B ≈ C·V / N rounded up to a multiple of 64, so N·B ≈ C·V.
 
     logits = hidden @ weight.T + bias                      [N, V], never materialised whole
     logp, entropy = token_logprobs(logits, labels, ...)    see kernelrl.ops.logprobs
 
-Forward: token chunks of C rows. Each chunk's logits [C, V] are computed by one matmul in
-the input dtype, swept once by the log-prob row kernel, and dropped; only the row stats (and the
-entropy) — N floats — are kept.
+The work is tiled into vocabulary blocks of B columns (the same tile size as C token rows
+of the full vocabulary). Blocks rather than token chunks, because the forward and the
+backward then compute each tile with the very same matmul, so the logits recomputed in
+backward are bitwise those the forward normalised; with token chunks forward and
+vocabulary blocks backward, fp32 gradients drifted to 4x eager torch's error.
 
-Backward (exact for any per-token upstream gradient g, g_H): vocabulary blocks of B columns.
-With the row stats (max, log-sum) and H saved, ∂/∂logits_ij = (g_i(1[j=y_i] − p_ij) − g_Hi p_ij (log p_ij + H_i)) / T
-depends only on row i's scalars, so each block is recomputed (logits[:, v0:v1] = hidden @
-weight[v0:v1].T), turned into its gradient in place by the row kernel, and used twice:
+Forward: per block, tile = hidden @ weight[v0:v1].T (+ bias) in the input dtype [N, B],
+swept once by the log-prob row kernel for its max, log-sum, entropy and, where the label
+falls in the block, the label's log-prob; the per-block results ([blocks, N] floats) merge
+exactly into full-vocabulary ones (``_merge_blocks``). Only the row stats (max, log-sum)
+and the entropy, 3·N floats, are kept for backward.
 
-    grad_weight[v0:v1] = G_blk.T @ hidden      one matmul per block: one rounding, exact rows
-    grad_hidden       += G_blk @ weight[v0:v1]  accumulated in float32 for 16-bit inputs
+Backward (exact for any per-token upstream gradient g, g_H): with the row stats and H,
+∂/∂logits_ij = (g_i(1[j=y_i] − p_ij) − g_Hi p_ij (log p_ij + H_i)) / T depends only on row
+i's scalars, so each block is recomputed, turned into its gradient in place by the row
+kernel, and used twice:
+
+    grad_weight[v0:v1] = G_blk.T @ hidden       one matmul per block: one rounding
+    grad_hidden       += G_blk @ weight[v0:v1]   accumulated in float32 for 16-bit inputs
     grad_bias[v0:v1]   = G_blk.sum(0)
 
 That is 4 matmuls of 2·N·H·V flops (1 forward, 3 backward) against eager's 3, traded for
@@ -24,11 +32,10 @@ never holding an N×V tensor or its float32 copy. Liger-Kernel's trick — gradi
 in the forward pass and only scaled in backward — is exact only when every token's upstream
 gradient is the same; PPO and DPO weight tokens differently, so this op does not use it.
 
-Peak extra memory (beyond inputs, outputs and N-sized vectors):
-    forward   C·V logits in the input dtype (+ ~3 float32 C·V copies on the torch backend)
-    backward  N·B ≈ C·V gradient tile, an N×H product per block, and an N×H float32
-              accumulator for float16/bfloat16 inputs
-so O(C·V + N·H). The default C targets 2^26 logits per tile on a GPU and 2^22 on a CPU.
+Peak extra memory (beyond inputs, outputs and N-sized vectors): one N·B ≈ C·V tile in the
+input dtype (+ ~3 float32 copies of it on the torch backend), an N×H product per block,
+and an N×H float32 accumulator for float16/bfloat16 inputs: O(C·V + N·H). The default C
+targets 2^26 logits per tile on a GPU and 2^22 on a CPU.
 
 The three algorithms, one reduction away:
     SFT   loss = -linear_logprobs(h, W, y, reduction="mean")          mean token CE
@@ -66,7 +73,7 @@ def linear_logprobs_reference(hidden, weight, labels, *, bias=None, temperature=
 
 
 def default_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """Rows per forward chunk: about 2^26 logits per tile on a GPU, 2^22 on a CPU."""
+    """Tile budget C in token rows: about 2^26 logits per tile on a GPU, 2^22 on a CPU."""
     budget = 1 << (26 if device.type == "cuda" else 22)
     return max(1, min(n_tokens, max(16, budget // vocab)))
 
@@ -232,8 +239,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         labels: [...] integer token ids in [0, V), or ``ignore_index``.
         bias: optional [V] lm_head bias.
         temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
-        chunk_size: rows per forward chunk C; peak extra memory is O(C·V + N·H)
-            (module docstring). Default :func:`default_chunk_size`.
+        chunk_size: tile budget C, in token rows of the full vocabulary: tiles hold about
+            C·V logits. Peak extra memory is O(C·V + N·H) (module docstring). Default
+            :func:`default_chunk_size`.
         reduction: ``"none"`` (per-token [...]), ``"sum"``, or ``"mean"`` over tokens
             whose label is not ``ignore_index``. The entropy is reduced the same way.
 

@@ -128,9 +128,12 @@ def test_extreme_logits(monkeypatch, name, dtype, device):
     compare(hidden, weight, b, labels, chunk_size=16, ill_conditioned=True)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", ["torch", "native"])
 def test_no_tensor_of_n_by_v_is_ever_created(monkeypatch, name):
-    """Record every tensor any aten op returns during forward + backward."""
+    """Record every tensor any aten op returns during forward + backward.
+
+    The tiling lives in the Python orchestrator, shared by every backend; the Triton
+    interpreter's own host copies would only blur this, so it is left out here."""
     use_backend(monkeypatch, name, "cpu", op="linear_logprobs")
     n, width, vocab, chunk = 512, 8, 2048, 32
     hidden, weight, b, labels = make_inputs(n, width, vocab, torch.float32, "cpu")
@@ -158,14 +161,14 @@ def test_no_tensor_of_n_by_v_is_ever_created(monkeypatch, name):
 
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_gradcheck_float64(with_entropy):
-    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(130, 5, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(130, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 130, (7,))
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(70, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(70, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 70, (5,))
     labels[3] = -100
 
-    def fn(h, w, b):
-        return linear_logprobs(h, w, labels, bias=b, temperature=0.9, chunk_size=3,
+    def fn(h, w, b):      # chunk 2 -> two vocabulary blocks of 64 and 6 columns
+        return linear_logprobs(h, w, labels, bias=b, temperature=0.9, chunk_size=2,
                                return_entropy=with_entropy)
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
