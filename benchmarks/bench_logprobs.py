@@ -173,6 +173,46 @@ def _import_kernelrl():
     return kernelrl.ops
 
 
+def _forced(op, backend):
+    """``op`` run with KERNELRL_BACKEND=backend (None: the default dispatch).
+
+    The backend is chosen when the forward runs and kept for its backward, so setting the
+    variable around the forward call is enough."""
+    if backend is None:
+        return op
+
+    def call(*args, **kwargs):
+        old = os.environ.get("KERNELRL_BACKEND")
+        os.environ["KERNELRL_BACKEND"] = backend
+        try:
+            return op(*args, **kwargs)
+        finally:
+            if old is None:
+                os.environ.pop("KERNELRL_BACKEND", None)
+            else:
+                os.environ["KERNELRL_BACKEND"] = old
+
+    return call
+
+
+def _kernelrl_impls(op_name: str, device: str, dtype, wrap) -> dict:
+    """kernelrl under its default dispatch, plus one row per backend forced, so that the
+    dispatch table (which backend is the default per device) rests on these numbers.
+    ``wrap(backend)`` builds the run function with that backend forced."""
+    from kernelrl import backend as kb
+
+    import torch
+
+    impls = {"kernelrl": common.Impl(lambda: wrap(None))}
+    names = ("native", "triton", "torch") if common.is_cuda(device) else ("native", "torch")
+    spec = kb.registered_ops()[op_name]
+    for name in names:
+        ok, why = kb.availability(name, torch.device(device), dtype, spec)
+        impls[f"kernelrl[{name}]"] = common.Impl(lambda name=name: wrap(name),
+                                                 skip=None if ok else why)
+    return impls
+
+
 def _liger_functional():
     if not _liger_installed():
         raise RuntimeError("liger_kernel is not installed")
@@ -281,7 +321,8 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> common.Case
             return {"logits": logits.requires_grad_(), "labels": labels, "grad": grad}
 
         impls = {
-            "kernelrl": common.Impl(lambda: _token_fwd_bwd(_import_kernelrl().token_logprobs)),
+            **_kernelrl_impls("token_logprobs", device, tdt, lambda b: _token_fwd_bwd(
+                _forced(_import_kernelrl().token_logprobs, b))),
             "eager": common.Impl(lambda: _token_fwd_bwd(eager_token_logprobs)),
             "compile": common.Impl(lambda: _token_fwd_bwd(_compiled(eager_token_logprobs))),
             "liger": common.Impl(lambda: _token_fwd_bwd(_liger_token_op()), mutates_inputs=True,
@@ -308,25 +349,27 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> common.Case
                     "labels": labels, "grad": grad}
 
         if case_id == "linear":
-            def kernelrl_op():
-                linear_logprobs = _import_kernelrl().linear_logprobs
+            def kernelrl_op(backend):
+                linear_logprobs = _forced(_import_kernelrl().linear_logprobs, backend)
                 return lambda h, w, y: linear_logprobs(h, w, y, ignore_index=IGNORE_INDEX)
 
             impls = {
-                "kernelrl": common.Impl(lambda: _linear_fwd_bwd(kernelrl_op())),
+                **_kernelrl_impls("linear_logprobs", device, tdt,
+                                  lambda b: _linear_fwd_bwd(kernelrl_op(b))),
                 "eager": common.Impl(lambda: _linear_fwd_bwd(eager_linear_logprobs)),
                 "compile": common.Impl(lambda: _linear_fwd_bwd(_compiled(eager_linear_logprobs))),
             }
             check = _make_check(lambda ref: ref != 0, 0.25 if low_precision else 5e-2,
                                 1e-2 if low_precision else 0.0, 5e-2 if low_precision else 1e-2)
         else:
-            def kernelrl_loss():
-                linear_logprobs = _import_kernelrl().linear_logprobs
+            def kernelrl_loss(backend):
+                linear_logprobs = _forced(_import_kernelrl().linear_logprobs, backend)
                 return lambda h, w, y: -linear_logprobs(h, w, y, ignore_index=IGNORE_INDEX,
                                                         reduction="mean")
 
             impls = {
-                "kernelrl": common.Impl(lambda: _loss_fwd_bwd(kernelrl_loss())),
+                **_kernelrl_impls("linear_logprobs", device, tdt,
+                                  lambda b: _loss_fwd_bwd(kernelrl_loss(b))),
                 "eager": common.Impl(lambda: _loss_fwd_bwd(eager_linear_ce_mean)),
                 "compile": common.Impl(lambda: _loss_fwd_bwd(_compiled(eager_linear_ce_mean))),
                 "liger": common.Impl(lambda: _loss_fwd_bwd(_liger_flce_mean()),

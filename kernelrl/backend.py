@@ -67,6 +67,15 @@ def register_op(name: str, dtypes: dict[str, tuple[torch.dtype, ...]],
     return spec
 
 
+NOT_YET_MEASURED = ("no benchmark on this device yet shows it at least as fast as the next "
+                    "path (run benchmarks/gpu_check.sh); KERNELRL_BACKEND forces it")
+
+
+def not_yet_measured(device_type: str, *backends: str) -> dict[tuple[str, str], str]:
+    """Skip entries for implementations whose benchmark has not run on ``device_type``."""
+    return {(backend, device_type): NOT_YET_MEASURED for backend in backends}
+
+
 def registered_ops() -> dict[str, OpSpec]:
     return dict(_OPS)
 

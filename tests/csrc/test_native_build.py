@@ -1,9 +1,11 @@
 """Tests of the native extension kernelrl._native, called raw (pointers as ints).
 
 Checks the C++ CPU logprobs kernels against a float64 torch reference (log_softmax / gather /
-entropy, and autograd of that math for the backward), the fp16/bf16 conversions bit for bit
-against torch, argument validation, the CUDA entry points' behaviour without a GPU driver, and
-that every csrc/**/*.cu compiles with nvcc (where nvcc is on PATH).
+entropy, and autograd of that math for the backward; the forward's row stats (m, log s) against
+the row max and logsumexp), the fp16/bf16 conversions bit for bit against torch, argument
+validation, the CUDA entry points' behaviour without a GPU driver, and that every csrc/**/*.cu
+compiles with nvcc (where nvcc is on PATH). Both CPU code paths run: the dispatched one (AVX2
+where available) and the baseline one (KERNELRL_CPU_ISA=generic).
 
 Shape legend: N rows, V vocabulary, C columns of a backward tile.
 Error measure: ||out - ref|| / ||ref|| over the non-NaN entries; NaN patterns must match exactly.
@@ -45,7 +47,7 @@ IGNORE = -100
 
 
 def reference(x, labels, inv_t, ignore_index, grad_logp=None, grad_entropy=None):
-    """float64 reference. Returns logp, lse, entropy [N] and, if grad_logp is given, grad_x [N, V].
+    """float64 reference: logp, lse, entropy [N] and, if grad_logp is given, grad_x [N, V].
 
     -inf logits (masked vocab) are replaced by -1e300 so that p = 0 exactly and autograd stays
     finite; their gradient is 0 (labels never point at them in these tests).
@@ -73,7 +75,8 @@ def reference(x, labels, inv_t, ignore_index, grad_logp=None, grad_entropy=None)
         grad = grad.clone()
         grad[ignored] = 0.0
         grad[~valid & ~ignored] = math.nan
-    lse, entropy = lse.detach().masked_fill(ignored, 0.0), entropy.detach().masked_fill(ignored, 0.0)
+    lse = lse.detach().masked_fill(ignored, 0.0)
+    entropy = entropy.detach().masked_fill(ignored, 0.0)
     return logp.detach(), lse, entropy, grad
 
 
@@ -98,27 +101,45 @@ def rel_err(out, ref, name, floor=0.0):
 
 
 def run_fwd(x, labels, inv_t=1.0, ignore_index=IGNORE, with_entropy=True, n_cols=None):
-    """Calls logprobs_fwd_cpu on x [N, >= V] (row stride x.stride(0)); poisoned outputs."""
+    """Calls logprobs_fwd_cpu on x [N, >= V] (row stride x.stride(0)); poisoned outputs.
+
+    Returns logp [N], stats [N, 2] = (row max m, log s) and entropy [N].
+    """
     n = x.shape[0]
     v = x.shape[1] if n_cols is None else n_cols
     assert x.stride(1) == 1
     logp = torch.full((n,), POISON)
-    lse = torch.full((n,), POISON)
+    stats = torch.full((n, 2), POISON)
     ent = torch.full((n,), POISON)
     native.logprobs_fwd_cpu(
-        x.data_ptr(), labels.data_ptr(), logp.data_ptr(), lse.data_ptr(),
+        x.data_ptr(), labels.data_ptr(), logp.data_ptr(), stats.data_ptr(),
         ent.data_ptr() if with_entropy else 0,
         n, v, x.stride(0), DTYPES[x.dtype], inv_t, ignore_index,
     )
-    return logp, lse, ent
+    return logp, stats, ent
 
 
-def run_bwd(x, labels, lse, ent, g, ge, out, vocab_size, col_offset, inv_t=1.0,
+def stats_to_lse(stats, inv_t):
+    """lse = m / T + log s, in float64."""
+    return stats[:, 0].double() * inv_t + stats[:, 1].double()
+
+
+def check_stats(x, labels, stats, r_lse, inv_t, ignore_index=IGNORE):
+    """m is exactly the row max of the (upcast) logits, log s matches the float64 lse - m / T."""
+    ignored = labels == ignore_index
+    m_ref = x.float().amax(dim=1).masked_fill(ignored, 0.0)
+    assert torch.equal(stats[:, 0], m_ref), "stats[:, 0] is not the row max"
+    log_s_ref = (r_lse - m_ref.double() * inv_t).masked_fill(ignored, 0.0)
+    assert rel_err(stats[:, 1], log_s_ref, "log s", floor=1e-6) < 1e-5
+    assert rel_err(stats_to_lse(stats, inv_t), r_lse, "lse") < 1e-5
+
+
+def run_bwd(x, labels, stats, ent, g, ge, out, vocab_size, col_offset, inv_t=1.0,
             ignore_index=IGNORE):
     """Calls logprobs_bwd_cpu for the tile x [N, C] (a view; row stride x.stride(0)) into out."""
     n, c = x.shape
     native.logprobs_bwd_cpu(
-        x.data_ptr(), labels.data_ptr(), lse.data_ptr(),
+        x.data_ptr(), labels.data_ptr(), stats.data_ptr(),
         ent.data_ptr() if ge is not None else 0,
         g.data_ptr(), ge.data_ptr() if ge is not None else 0,
         out.data_ptr(), n, c, vocab_size, col_offset, x.stride(0), out.stride(0),
@@ -192,13 +213,13 @@ def test_cuda_without_driver_raises_runtime_error():
 def test_logprobs_matches_float64(isa, dtype, n, v):
     inv_t = 1.0 / 0.7
     x, labels = make_inputs(n, v, dtype, n_ignored=2 if n > 3 else 0, bad_label=n > 3)
-    logp, lse, ent = run_fwd(x, labels, inv_t)
+    logp, stats, ent = run_fwd(x, labels, inv_t)
     g, ge = torch.randn(n), torch.randn(n)
     r_logp, r_lse, r_ent, r_grad = reference(x, labels, inv_t, IGNORE, g, ge)
     tol = TOL[dtype]
     # Outputs are fp32 computed from the same (rounded) inputs as the reference: fp32 accuracy.
     assert rel_err(logp, r_logp, "logp") < 1e-5
-    assert rel_err(lse, r_lse, "lse") < 1e-5
+    check_stats(x, labels, stats, r_lse, inv_t)
     assert rel_err(ent, r_ent, "entropy", floor=1.0) < 1e-5
 
     # Eager torch in the same dtype, for the "at most 2x torch's error" bound (+ an fp32 floor).
@@ -209,11 +230,11 @@ def test_logprobs_matches_float64(isa, dtype, n, v):
     assert rel_err(logp[keep], r_logp[keep], "logp") <= 2 * err_eager + 1e-6
 
     grad = torch.full_like(x, POISON)
-    run_bwd(x, labels, lse, ent, g, ge, grad, v, 0, inv_t)
+    run_bwd(x, labels, stats, ent, g, ge, grad, v, 0, inv_t)
     assert rel_err(grad, r_grad, "grad_logits") < tol
 
     grad_no_ent = torch.full_like(x, POISON)
-    run_bwd(x, labels, lse, ent, g, None, grad_no_ent, v, 0, inv_t)
+    run_bwd(x, labels, stats, ent, g, None, grad_no_ent, v, 0, inv_t)
     r_grad_no_ent = reference(x, labels, inv_t, IGNORE, g)[3]
     assert rel_err(grad_no_ent, r_grad_no_ent, "grad_logits (no entropy)") < tol
 
@@ -237,24 +258,26 @@ def test_special_rows(isa, dtype):
     x[7, 1:] = -math.inf     # ...and a row with a single live entry: p = 1, entropy 0
     labels[7] = 0
 
-    logp, lse, ent = run_fwd(x, labels)
-    assert logp[0] == 0 and lse[0] == 0 and ent[0] == 0
+    logp, stats, ent = run_fwd(x, labels)
+    lse = stats_to_lse(stats, 1.0)
+    assert logp[0] == 0 and torch.all(stats[0] == 0) and ent[0] == 0
     assert torch.isnan(logp[1]) and torch.isnan(logp[2])
     assert torch.isfinite(lse[1]) and torch.isfinite(lse[2]) and torch.isfinite(ent[1])
     assert torch.isfinite(logp[3]) and torch.isfinite(ent[3])
-    assert lse[4] == -math.inf and torch.isnan(logp[4]) and torch.isnan(ent[4])
-    assert torch.isnan(lse[5]) and torch.isnan(logp[5])
-    assert logp[7] == 0 and ent[7] == 0 and lse[7] == x[7, 0].float()
+    assert stats[4, 0] == -math.inf and stats[4, 1] == -math.inf
+    assert torch.isnan(logp[4]) and torch.isnan(ent[4])
+    assert torch.isnan(stats[5, 1]) and torch.isnan(logp[5])
+    assert logp[7] == 0 and ent[7] == 0 and stats[7, 0] == x[7, 0].float() and stats[7, 1] == 0
 
     ok = torch.tensor([3, 6, 7])
     r_logp, r_lse, r_ent, _ = reference(x[ok], labels[ok], 1.0, IGNORE)
     assert rel_err(logp[ok], r_logp, "logp") < 1e-5
-    assert rel_err(lse[ok], r_lse, "lse") < 1e-5
+    check_stats(x[ok], labels[ok], stats[ok], r_lse, 1.0)
     assert rel_err(ent[ok], r_ent, "entropy", floor=1.0) < 1e-5
 
     g, ge = torch.randn(n), torch.randn(n)
     grad = torch.full_like(x, POISON)
-    run_bwd(x, labels, lse, ent, g, ge, grad, v, 0)
+    run_bwd(x, labels, stats, ent, g, ge, grad, v, 0)
     assert torch.all(grad[0] == 0)
     assert torch.all(torch.isnan(grad[1])) and torch.all(torch.isnan(grad[2]))
     assert torch.all(grad[3, 5:600] == 0) and torch.all(torch.isfinite(grad[3]))
@@ -264,24 +287,47 @@ def test_special_rows(isa, dtype):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_extreme_logits(isa, dtype):
+    """Logits in [-1e4, 1e4] with a temperature: everything is relative to the row max, so
+    the fp32 results still meet the fp32 target against float64."""
     n, v = 16, 4099
     inv_t = 1.0 / 1.3
     x = ((torch.rand(n, v) * 2 - 1) * 1e4).to(dtype)  # logits in [-1e4, 1e4]
     x[0, :] = 1e4                                     # a row of ties at the top
     x[1, :2] = torch.tensor([1e4, -1e4])
+    x[4, :] = -1e4                                    # a constant row: uniform softmax
+    x[5, 9] = 2e4                                     # one token dominates by 1e4
     labels = torch.randint(0, v, (n,))
     labels[2] = IGNORE
     labels[3] = x[3].float().argmax()
-    logp, lse, ent = run_fwd(x, labels, inv_t)
+    labels[5] = 9
+    logp, stats, ent = run_fwd(x, labels, inv_t)
     g, ge = torch.randn(n), torch.randn(n)
     r_logp, r_lse, r_ent, r_grad = reference(x, labels, inv_t, IGNORE, g, ge)
     assert rel_err(logp, r_logp, "logp") < 1e-5
-    assert rel_err(lse, r_lse, "lse") < 1e-5
-    # Entropy is ~0 here except in the tie row: measure its error in nats (floor 1).
+    check_stats(x, labels, stats, r_lse, inv_t)
+    assert logp[5] == 0 and stats[5, 1] == 0  # e^{-1e4/1.3} vanishes: log s = 0 exactly
+    # Entropy is ~0 here except in the tie rows: measure its error in nats (floor 1).
     assert rel_err(ent, r_ent, "entropy", floor=1.0) < 1e-5
     grad = torch.full_like(x, POISON)
-    run_bwd(x, labels, lse, ent, g, ge, grad, v, 0, inv_t)
+    run_bwd(x, labels, stats, ent, g, ge, grad, v, 0, inv_t)
     assert rel_err(grad, r_grad, "grad_logits") < TOL[dtype]
+
+
+def test_confident_token_gradient(isa):
+    """p(label) ~ 1: the label's gradient g (1 - p) is computed without cancellation."""
+    n, v = 6, 2
+    x = torch.zeros(n, v)
+    x[:, 0] = torch.tensor([5.0, 9.0, 12.0, 16.0, 20.0, 3.0])  # 1 - p from ~7e-3 down to ~2e-9
+    labels = torch.zeros(n, dtype=torch.int64)
+    logp, stats, ent = run_fwd(x, labels)
+    g, ge = torch.randn(n), torch.randn(n)
+    r_logp, _, r_ent, r_grad = reference(x, labels, 1.0, IGNORE, g, ge)
+    grad = torch.full_like(x, POISON)
+    run_bwd(x, labels, stats, ent, g, ge, grad, v, 0)
+    for i in range(n):  # row by row: each row's gradient is tiny, none may hide another's error
+        assert rel_err(logp[i:i + 1], r_logp[i:i + 1], f"logp row {i}") < 1e-5
+        assert rel_err(ent[i:i + 1], r_ent[i:i + 1], f"entropy row {i}") < 1e-5
+        assert rel_err(grad[i], r_grad[i], f"grad row {i}") < 1e-5
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -295,23 +341,23 @@ def test_strided_rows_and_column_tiles(isa, dtype):
     labels[4] = IGNORE
     labels[7] = v + 5
     labels[:3] = torch.tensor([0, v - 1, 300])  # tile edges
-    logp, lse, ent = run_fwd(x, labels, inv_t)
+    logp, stats, ent = run_fwd(x, labels, inv_t)
     g, ge = torch.randn(n), torch.randn(n)
     r_logp, r_lse, r_ent, r_grad = reference(x, labels, inv_t, IGNORE, g, ge)
     assert rel_err(logp, r_logp, "logp") < 1e-5
-    assert rel_err(lse, r_lse, "lse") < 1e-5
+    check_stats(x, labels, stats, r_lse, inv_t)
 
     gpad = 7
     gbuf = torch.full((n, v + gpad), POISON, dtype=dtype)
     for c0, c1 in [(0, 300), (300, 301), (301, 1000), (1000, v)]:  # odd tile widths
-        run_bwd(x[:, c0:c1], labels, lse, ent, g, ge, gbuf[:, c0:c1], v, c0, inv_t)
+        run_bwd(x[:, c0:c1], labels, stats, ent, g, ge, gbuf[:, c0:c1], v, c0, inv_t)
     assert torch.all(gbuf[:, v:] == POISON), "wrote past the tile"
     assert rel_err(gbuf[:, :v], r_grad, "grad_logits (tiles)") < TOL[dtype]
 
     # A tile whose output is a separate contiguous [N, C] tensor.
     c0, c1 = 123, 1010
     tile = torch.full((n, c1 - c0), POISON, dtype=dtype)
-    run_bwd(x[:, c0:c1], labels, lse, ent, g, ge, tile, v, c0, inv_t)
+    run_bwd(x[:, c0:c1], labels, stats, ent, g, ge, tile, v, c0, inv_t)
     assert rel_err(tile, r_grad[:, c0:c1], "grad_logits (separate tile)") < TOL[dtype]
 
 
@@ -321,13 +367,13 @@ def test_backward_in_place(isa, dtype):
     n, v = 19, 2053
     inv_t = 1.0 / 0.6
     x, labels = make_inputs(n, v, dtype)
-    logp, lse, ent = run_fwd(x, labels, inv_t)
+    logp, stats, ent = run_fwd(x, labels, inv_t)
     g, ge = torch.randn(n), torch.randn(n)
     r_grad = reference(x, labels, inv_t, IGNORE, g, ge)[3]
     separate = torch.full_like(x, POISON)
-    run_bwd(x, labels, lse, ent, g, ge, separate, v, 0, inv_t)
+    run_bwd(x, labels, stats, ent, g, ge, separate, v, 0, inv_t)
     inplace = x.clone()
-    run_bwd(inplace, labels, lse, ent, g, ge, inplace, v, 0, inv_t)
+    run_bwd(inplace, labels, stats, ent, g, ge, inplace, v, 0, inv_t)
     assert rel_err(inplace, r_grad, "grad_logits (in place)") < TOL[dtype]
     assert torch.equal(inplace.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        separate.view(torch.int16 if dtype != torch.float32 else torch.int32))
@@ -338,12 +384,12 @@ def test_custom_ignore_index_and_absent_entropy(isa):
     x, _ = make_inputs(n, v, torch.float32, n_ignored=0, bad_label=False)
     labels = torch.randint(0, v, (n,))
     labels[2] = 7
-    logp, lse, ent = run_fwd(x, labels, ignore_index=7, with_entropy=False)
+    logp, stats, ent = run_fwd(x, labels, ignore_index=7, with_entropy=False)
     assert torch.all(ent == POISON), "entropy=0 must not be written"
-    assert logp[2] == 0 and lse[2] == 0
+    assert logp[2] == 0 and torch.all(stats[2] == 0)
     r_logp, r_lse, _, _ = reference(x, labels, 1.0, 7)
     assert rel_err(logp, r_logp, "logp") < 1e-5
-    assert rel_err(lse, r_lse, "lse") < 1e-5
+    check_stats(x, labels, stats, r_lse, 1.0, ignore_index=7)
 
 
 def test_results_do_not_depend_on_threads():
@@ -362,7 +408,7 @@ def test_results_do_not_depend_on_threads():
     finally:
         native.set_num_threads(before)
     for a, b in zip(one, two):
-        assert torch.equal(a, b)
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert torch.equal(g1.view(torch.int16), g2.view(torch.int16))
 
 
@@ -385,16 +431,19 @@ if given is not None:
         labels = torch.randint(0, v, (n,), generator=gen)
         labels[torch.rand(n, generator=gen) < 0.2] = IGNORE
         inv_t = 1.0 / temperature
-        logp, lse, ent = run_fwd(x, labels, inv_t)
+        logp, stats, ent = run_fwd(x, labels, inv_t)
         g, ge = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
         r_logp, r_lse, r_ent, r_grad = reference(x, labels, inv_t, IGNORE, g, ge)
-        assert rel_err(logp, r_logp, "logp", floor=1e-3) < 1e-5
-        assert rel_err(lse, r_lse, "lse", floor=1e-3) < 1e-5
+        assert rel_err(logp, r_logp, "logp", floor=1e-6) < 1e-5
+        check_stats(x, labels, stats, r_lse, inv_t)
         assert rel_err(ent, r_ent, "entropy", floor=1.0) < 1e-5
         grad = torch.full((n, v + pad), POISON, dtype=dtype)
-        run_bwd(x, labels, lse, ent, g, ge, grad, v, 0, inv_t)
+        run_bwd(x, labels, stats, ent, g, ge, grad, v, 0, inv_t)
         assert torch.all(grad[:, v:] == POISON)
-        assert rel_err(grad[:, :v], r_grad, "grad_logits", floor=1e-3) < TOL[dtype]
+        # g (1 - p) with p ~ 1 cancels in fp32 (as in eager torch): where the true gradient is
+        # tiny, measure the error against the upstream gradient's scale.
+        scale = (g.abs().max() * inv_t).item()
+        assert rel_err(grad[:, :v], r_grad, "grad_logits", floor=scale) < TOL[dtype]
 
 
 # ---- dtype conversions ---------------------------------------------------------------------------
