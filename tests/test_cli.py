@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,8 @@ def test_info_json():
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("kernelrl")
+    beside = Path(sys.executable).with_name("kernelrl")      # the venv's bin/, off PATH
+    exe = str(beside) if beside.exists() else shutil.which("kernelrl")
     if exe is None:
         pytest.skip("the `kernelrl` console script is not on PATH (package not pip-installed)")
     out = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120, check=True)
