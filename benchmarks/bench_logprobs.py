@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
+import report  # noqa: E402
 
 BENCH = "logprobs"
 IGNORE_INDEX = -100
@@ -413,8 +414,8 @@ def _why_missing(r, name):
 
 
 def _faster(rows, case, shape, dtype, peer, label):
-    k = common.find_row(rows, case, "kernelrl", shape, dtype)
-    p = common.find_row(rows, case, peer, shape, dtype)
+    k = report.find_row(rows, case, "kernelrl", shape, dtype)
+    p = report.find_row(rows, case, peer, shape, dtype)
     if _ms(k) is None or _ms(p) is None:
         missing = k if _ms(k) is None else p
         return _t(label, "NOT CHECKED", _why_missing(missing, "kernelrl" if missing is k else peer))
@@ -424,8 +425,8 @@ def _faster(rows, case, shape, dtype, peer, label):
 
 
 def _memory(rows, case, shape, dtype, label):
-    k = common.find_row(rows, case, "kernelrl", shape, dtype)
-    e = common.find_row(rows, case, "eager", shape, dtype)
+    k = report.find_row(rows, case, "kernelrl", shape, dtype)
+    e = report.find_row(rows, case, "eager", shape, dtype)
     km = k.get("peak_mem_bytes") if k and k.get("status") == "ok" else None
     em = e.get("peak_mem_bytes") if e and e.get("status") == "ok" else None
     if km is None or em is None:
@@ -444,14 +445,14 @@ def _memory(rows, case, shape, dtype, label):
               f"<= 1/16){spread}")
 
 
-def targets(report: dict) -> list:
-    rows = report["results"]
-    cuda = report.get("device_kind") == "cuda"
+def targets(rep: dict) -> list:
+    rows = rep["results"]
+    cuda = rep.get("device_kind") == "cuda"
     out = []
     if cuda:
         label = "GPU token_logprobs fwd+bwd N=16384 V=128256 bf16 >= 80% of copy bandwidth"
-        k = common.find_row(rows, CASE_NAMES["token"], "kernelrl", GPU_TOKEN, "bf16")
-        copy = report["ceilings"].get("copy_gbps")
+        k = report.find_row(rows, CASE_NAMES["token"], "kernelrl", GPU_TOKEN, "bf16")
+        copy = rep["ceilings"].get("copy_gbps")
         if _ms(k) is None or not copy:
             out.append(_t(label, "NOT CHECKED",
                           _why_missing(k, "kernelrl") if _ms(k) is None else "no copy ceiling"))
@@ -471,8 +472,8 @@ def targets(report: dict) -> list:
     else:
         out.append(_memory(rows, CASE_NAMES["linear"], CPU_LINEAR, "fp32",
                            "CPU linear_logprobs N=8192 H=256 V=32000 fp32 per-token fwd+bwd peak extra memory <= 1/16 of eager"))
-        k = common.find_row(rows, CASE_NAMES["linear"], "kernelrl", CPU_LINEAR, "fp32")
-        e = common.find_row(rows, CASE_NAMES["linear"], "eager", CPU_LINEAR, "fp32")
+        k = report.find_row(rows, CASE_NAMES["linear"], "kernelrl", CPU_LINEAR, "fp32")
+        e = report.find_row(rows, CASE_NAMES["linear"], "eager", CPU_LINEAR, "fp32")
         label = "CPU linear_logprobs N=8192 H=256 V=32000 fp32 per-token fwd+bwd no slower than eager"
         if _ms(k) is None or _ms(e) is None:
             missing = k if _ms(k) is None else e

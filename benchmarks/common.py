@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing, ceilings, peak memory, tables and JSON.
+"""Shared benchmark driver: environment, timing, ceilings, cases and the run loop.
 
 Each ``benchmarks/bench_<family>.py`` holds only its cases. It describes every case as a
 :class:`Case` (inputs, one :class:`Impl` per implementation, a correctness check, the bytes
@@ -7,9 +7,9 @@ or flops it moves) and hands them to :func:`main`, which:
 1. measures the ceilings in the same run (:func:`measure_ceilings`);
 2. for each case builds the inputs, checks every implementation once against the
    reference ("eager") so a broken op is never timed silently, times each one, and
-   measures its peak memory;
+   measures its peak memory (``memory.py``);
 3. prints a plain-text table, checks the family's targets (MET / NOT MET), and writes one
-   JSON file in the schema of DESIGN.md "Benchmarks".
+   JSON file in the schema of DESIGN.md "Benchmarks" (``report.py``).
 
 Timing
     GPU: ``triton.testing.do_bench`` (CUDA events, median), the function cycling through
@@ -18,11 +18,9 @@ Timing
     the implementations of a case are timed round-robin, so outside load hits all alike.
 
 Peak memory ("extra" bytes over the inputs)
-    GPU: ``max_memory_allocated`` during one call minus ``memory_allocated`` before it.
-    CPU: peak resident set size of a FRESH subprocess that runs one (case, impl, shape,
-    dtype): extra = peak RSS (VmHWM, see :func:`peak_rss_bytes`) over one warm-up and one
-    measured call, minus the RSS (``/proc/self/statm``) right after the inputs were built,
-    minus code paged in meanwhile. See :func:`rss_child_measure`.
+    GPU: measured in this process after timing. CPU: measured in fresh subprocesses, this
+    same bench script run with the hidden ``--_child SPEC`` flag (:func:`child_main`), the
+    median of ``--mem-repeats`` of them reported. How each figure is taken: ``memory.py``.
 
 Ceilings
     GPU: a large device-to-device copy (GB/s, bytes read + written) and an 8192^3 bf16
@@ -47,7 +45,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,13 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-REPO = Path(__file__).resolve().parent.parent
+import memory
+import report
 
-SCHEMA_ROW_KEYS = (
-    "bench", "case", "shape", "dtype", "impl", "median_ms", "gbps", "tflops",
-    "fraction_of_ceiling", "peak_mem_bytes", "vs",
-)
-SCHEMA_TOP_KEYS = ("device", "date", "torch", "triton", "kernelrl", "ceilings", "results")
+REPO = Path(__file__).resolve().parent.parent
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
@@ -309,129 +303,6 @@ def matmul_ceiling_tflops(ceilings: dict, dtype: str) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------
-# Peak memory
-# ----------------------------------------------------------------------------------------
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS: VmHWM from /proc/self/status, else ru_maxrss.
-
-    VmHWM first because ru_maxrss (RUSAGE_SELF) also keeps the high-water mark that the
-    process inherited at fork and carried through exec: a child forked from a parent of
-    400 MiB reports ru_maxrss >= 400 MiB whatever it does. VmHWM belongs to the current
-    address space only and is what ``/proc/self/clear_refs`` resets.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux >= 4.0, '5' > /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_file_bytes() -> int:
-    """File-backed resident bytes (RssFile: shared-library code and mapped files)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def rss_child_measure(build: Callable[[], Any], run: Callable[[Any], Any],
-                      warmup: int = 1) -> dict:
-    """Inside a fresh process: build the inputs, then ``warmup`` calls and one measured call.
-
-    extra_bytes = peak RSS over the warm-up and the measured call - RSS right after the
-    inputs were built - the growth of file-backed RSS over the calls.
-
-    - The peak is reset (``/proc/self/clear_refs``) right after the inputs are built, so a
-      transient while building them does not count (``peak_reset_after_inputs``).
-    - The warm-up counts: memory an op keeps after a call (its own cache, or heap pages the
-      allocator does not give back) is memory it costs, and a baseline taken after the
-      warm-up would hide it. ``retained_after_calls`` shows how much stayed.
-    - File-backed growth is code paged in by a kernel's first call (tens of MiB, even for
-      a tiny op), not the op's working memory, so it is subtracted (``file_rss_growth``;
-      ``extra_raw_bytes`` is the figure without that correction).
-    Returns sizes in bytes.
-    """
-    inputs = build()
-    gc.collect()
-    was_reset = reset_peak_rss()
-    rss_inputs = current_rss_bytes()
-    file_inputs = rss_file_bytes()
-    for _ in range(warmup):
-        out = run(inputs)
-        del out
-        gc.collect()
-    out = run(inputs)
-    del out
-    gc.collect()
-    rss_end = current_rss_bytes()
-    peak = max(peak_rss_bytes(), rss_end)
-    file_growth = max(0, rss_file_bytes() - file_inputs)
-    return {
-        "rss_after_inputs": rss_inputs,
-        "peak_rss": peak,
-        "file_rss_growth": file_growth,
-        "retained_after_calls": rss_end - rss_inputs,
-        "extra_raw_bytes": max(0, peak - rss_inputs),
-        "extra_bytes": max(0, peak - rss_inputs - file_growth),
-        "peak_reset_after_inputs": was_reset,
-        "calls": warmup + 1,
-    }
-
-
-def run_child(argv: list, timeout: float = 900) -> dict:
-    """Run ``python argv...`` in a fresh process; return the JSON object of the last stdout
-    line that parses as one. Raises RuntimeError with stderr's tail otherwise."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                          timeout=timeout, env=os.environ.copy())
-    for line in reversed(proc.stdout.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-    raise RuntimeError(f"child exited {proc.returncode} without JSON: {' | '.join(tail)}")
-
-
-def gpu_peak_extra_bytes(fn: Callable[[], Any], device: str) -> int:
-    """max_memory_allocated during one call minus memory_allocated before it."""
-    import torch
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del out
-    return max(0, peak - before)
-
-
-# ----------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------
 @dataclass
@@ -648,7 +519,7 @@ def run_case(case: Case, ceilings: dict, *, impls_filter: Optional[set] = None,
         # Peak memory on a GPU, in this process, on the same inputs.
         if measure_memory and is_cuda(device) and rows[name]["status"] == "ok":
             try:
-                rows[name]["peak_mem_bytes"] = gpu_peak_extra_bytes(lambda: fns[name](sets[0]), device)
+                rows[name]["peak_mem_bytes"] = memory.gpu_peak_extra_bytes(lambda: fns[name](sets[0]), device)
                 rows[name]["mem_method"] = "cuda max_memory_allocated - memory_allocated before"
             except Exception as e:
                 rows[name]["mem_error"] = _short_error(e)
@@ -670,7 +541,7 @@ def run_case(case: Case, ceilings: dict, *, impls_filter: Optional[set] = None,
             try:
                 samples = []
                 for _ in range(max(1, mem_repeats)):
-                    res = run_child([child_script, "--_child", json.dumps(case.spec(name))],
+                    res = memory.run_child([child_script, "--_child", json.dumps(case.spec(name))],
                                     timeout=child_timeout)
                     if res.get("error"):
                         raise RuntimeError(res["error"])
@@ -710,153 +581,11 @@ def child_main(make_case: Callable[..., Case], spec: dict) -> int:
         prime_torch()
         case = make_case(spec["case_id"], spec["shape"], spec["dtype"], spec["device"])
         fn = case.impls[spec["impl"]].build()
-        res = rss_child_measure(lambda: case.make_inputs(0), fn)
+        res = memory.rss_child_measure(lambda: case.make_inputs(0), fn)
     except Exception as e:
         res = {"error": _short_error(e), "traceback": traceback.format_exc()[-2000:]}
     print(json.dumps(res), flush=True)
     return 0
-
-
-# ----------------------------------------------------------------------------------------
-# Results: vs ratios, report, table, JSON, merging
-# ----------------------------------------------------------------------------------------
-def _group_key(row: dict) -> tuple:
-    return (row.get("bench"), row.get("case"), json.dumps(row.get("shape"), sort_keys=True),
-            row.get("dtype"))
-
-
-def compute_vs(rows: list) -> list:
-    """For each row, vs[other] = other's median time / this row's median time, over the rows
-    of the same (bench, case, shape, dtype). > 1 means this implementation is faster."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault(_group_key(r), []).append(r)
-    for group in groups.values():
-        for r in group:
-            r["vs"] = {}
-            mine = r.get("median_ms")
-            if not mine:
-                continue
-            for o in group:
-                if o is r or not o.get("median_ms"):
-                    continue
-                r["vs"][o["impl"]] = o["median_ms"] / mine
-    return rows
-
-
-def build_report(env: dict, ceilings: dict, rows: list, targets: Optional[list] = None) -> dict:
-    report = dict(env)
-    report["ceilings"] = ceilings
-    report["results"] = compute_vs(rows)
-    report["targets"] = targets or []
-    return report
-
-
-def write_json(report: dict, path) -> None:
-    missing = [k for k in SCHEMA_TOP_KEYS if k not in report]
-    if missing:
-        raise ValueError(f"report is missing schema keys {missing}")
-    for r in report["results"]:
-        for k in SCHEMA_ROW_KEYS:
-            r.setdefault(k, None if k != "vs" else {})
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
-
-
-def _fmt(v, spec: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return format(v, spec)
-
-
-def format_table(report: dict) -> str:
-    cpu = report.get("device_kind", "cpu") == "cpu" or report.get("ceilings", {}).get("kind") == "cpu"
-    c = report.get("ceilings", {})
-    where = "CPU" if cpu else "GPU"
-    lines = [
-        f"device: {report.get('device')}   torch {report.get('torch')}   triton "
-        f"{report.get('triton')}   kernelrl {report.get('kernelrl')}   {report.get('date')}",
-    ]
-    if cpu:
-        gflops = c["fp32_tflops"] * 1e3 if c.get("fp32_tflops") else None
-        lines.append(f"ceilings (CPU figures, not GPU): memcpy {_fmt(c.get('copy_gbps'), '.1f')} "
-                     f"GB/s, fp32 matmul {_fmt(gflops, '.1f')} GFLOP/s")
-    else:
-        lines.append(f"ceilings (GPU, measured in this run): copy {_fmt(c.get('copy_gbps'), '.0f')} GB/s "
-                     f"(read+write), bf16 matmul {_fmt(c.get('bf16_tflops'), '.0f')} TFLOP/s")
-    header = ["case", "shape", "dtype", "impl", "median ms", f"{where} GB/s",
-              f"{where} TFLOP/s", "% ceiling", "peak extra MiB (over inputs)",
-              "vs others (their time / this)"]
-    body = []
-    for r in report.get("results", []):
-        shape = ",".join(f"{k}={v}" for k, v in (r.get("shape") or {}).items())
-        if r.get("status") == "error":
-            tail = f"ERROR: {r.get('error')}"
-        elif r.get("status") == "skipped":
-            tail = f"skipped: {r.get('note')}"
-        else:
-            tail = ", ".join(f"{k} {v:.2f}x" for k, v in sorted((r.get("vs") or {}).items()))
-            if r.get("mem_error"):
-                tail += f" (mem: {r['mem_error']})"
-        peak = r.get("peak_mem_bytes")
-        body.append([
-            str(r.get("case")), shape, str(r.get("dtype")), str(r.get("impl")),
-            _fmt(r.get("median_ms"), ".3f"), _fmt(r.get("gbps"), ".1f"),
-            _fmt(r.get("tflops"), ".3f"),
-            _fmt(r["fraction_of_ceiling"] * 100 if r.get("fraction_of_ceiling") is not None else None, ".1f"),
-            _fmt(peak / 2**20 if peak is not None else None, ".1f"), tail,
-        ])
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    numeric = {4, 5, 6, 7, 8}
-
-    def fmt_line(cells):
-        return "  ".join(cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
-                         for i, cell in enumerate(cells)).rstrip()
-
-    lines.append(fmt_line(header))
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(fmt_line(b) for b in body)
-    return "\n".join(lines)
-
-
-def format_targets(targets: list) -> str:
-    return "\n".join(f"[{t['status']}] {t['target']}: {t['detail']}" for t in targets)
-
-
-def find_row(rows: list, case: str, impl: str, shape: dict, dtype: str) -> Optional[dict]:
-    for r in rows:
-        if (r.get("case") == case and r.get("impl") == impl and r.get("dtype") == dtype
-                and all(r.get("shape", {}).get(k) == v for k, v in shape.items())):
-            return r
-    return None
-
-
-def merge_reports(paths: list, out_path=None) -> dict:
-    """Merge several bench JSON files into one report: the header of the first, every
-    file's results and targets, and each file's ceilings under "ceilings_by_source"."""
-    reports = []
-    for p in paths:
-        with open(p) as f:
-            reports.append((str(p), json.load(f)))
-    if not reports:
-        raise ValueError("merge_reports: no input files")
-    merged = {k: v for k, v in reports[0][1].items() if k not in ("results", "targets")}
-    merged["results"] = []
-    merged["targets"] = []
-    merged["sources"] = [p for p, _ in reports]
-    merged["ceilings_by_source"] = {p: r.get("ceilings") for p, r in reports}
-    for _, r in reports:
-        merged["results"].extend(r.get("results", []))
-        merged["targets"].extend(r.get("targets", []))
-    if out_path is not None:
-        write_json(merged, out_path)
-    return merged
 
 
 # ----------------------------------------------------------------------------------------
@@ -913,17 +642,17 @@ def main(*, bench: str, plan: Callable, make_case: Callable, targets: Callable,
                              child_script=script, mem_repeats=mem_repeats))
         if is_cuda(device):
             torch.cuda.empty_cache()
-    report = build_report(env, ceilings, rows)
+    rep = report.build_report(env, ceilings, rows)
     try:
-        report["targets"] = targets(report)
+        rep["targets"] = targets(rep)
     except Exception as e:
-        report["targets"] = [{"target": "targets", "status": "NOT CHECKED",
-                              "detail": f"checking failed: {_short_error(e)}"}]
-    print(format_table(report))
+        rep["targets"] = [{"target": "targets", "status": "NOT CHECKED",
+                           "detail": f"checking failed: {_short_error(e)}"}]
+    print(report.format_table(rep))
     print()
-    print(format_targets(report["targets"]))
+    print(report.format_targets(rep["targets"]))
     if args.out:
-        write_json(report, args.out)
+        report.write_json(rep, args.out)
         progress(f"wrote {args.out}")
     return 0
 
@@ -937,7 +666,7 @@ def _cli(argv=None) -> int:
     sub.add_parser("gpu-slug", help="print a slug of the GPU name (or 'cpu')")
     args = p.parse_args(argv)
     if args.cmd == "merge":
-        merged = merge_reports(args.inputs, args.out)
+        merged = report.merge_reports(args.inputs, args.out)
         print(f"merged {len(args.inputs)} files, {len(merged['results'])} results -> {args.out}")
         return 0
     import torch

@@ -1,4 +1,5 @@
-"""Fast CPU tests of benchmarks/common.py, plus a smoke run of bench_logprobs.py --quick."""
+"""Fast CPU tests of benchmarks/common.py, memory.py and report.py, plus a smoke run of
+bench_logprobs.py --quick."""
 
 import importlib.util
 import json
@@ -22,6 +23,9 @@ if Path(common.__file__).resolve().parent != BENCH_DIR:  # another 'common' got 
     _spec = importlib.util.spec_from_file_location("kernelrl_bench_common", BENCH_DIR / "common.py")
     common = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(common)
+
+import memory  # noqa: E402
+import report  # noqa: E402
 
 
 def test_time_cpu_median_of_requested_runs(monkeypatch):
@@ -81,7 +85,7 @@ def test_vs_ratios_hand_made():
         _row("c", "eager", 1.0, dtype="fp32"),       # another group: never compared
         _row("c", "kernelrl", 4.0, dtype="fp32"),
     ]
-    common.compute_vs(rows)
+    report.compute_vs(rows)
     assert rows[0]["vs"] == pytest.approx({"eager": 2.0, "liger": 0.5})
     assert rows[1]["vs"] == pytest.approx({"kernelrl": 0.5, "liger": 0.25})
     assert rows[2]["vs"] == pytest.approx({"kernelrl": 2.0, "eager": 4.0})
@@ -95,9 +99,9 @@ def test_json_writer_schema_and_merge(tmp_path):
            "triton": "y", "kernelrl": "abc123"}
     ceilings = {"copy_gbps": 10.0, "bf16_tflops": None, "fp32_tflops": 0.1, "kind": "cpu"}
     rows = [_row("c", "kernelrl", 1.0), _row("c", "eager", 3.0)]
-    report = common.build_report(env, ceilings, rows)
+    rep = report.build_report(env, ceilings, rows)
     out = tmp_path / "r.json"
-    common.write_json(report, out)
+    report.write_json(rep, out)
     data = json.loads(out.read_text())
     for key in ("device", "date", "torch", "triton", "kernelrl", "ceilings", "results"):
         assert key in data, key
@@ -108,12 +112,12 @@ def test_json_writer_schema_and_merge(tmp_path):
             assert key in r, key
     assert data["results"][0]["vs"] == pytest.approx({"eager": 3.0})
 
-    table = common.format_table(data)
+    table = report.format_table(data)
     assert "CPU figures, not GPU" in table and "GPU GB/s" not in table
 
     out2 = tmp_path / "r2.json"
-    common.write_json(common.build_report(env, ceilings, [_row("d", "eager", 2.0)]), out2)
-    merged = common.merge_reports([out, out2], tmp_path / "m.json")
+    report.write_json(report.build_report(env, ceilings, [_row("d", "eager", 2.0)]), out2)
+    merged = report.merge_reports([out, out2], tmp_path / "m.json")
     assert len(merged["results"]) == 3
     assert json.loads((tmp_path / "m.json").read_text())["kernelrl"] == "abc123"
     assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
@@ -160,22 +164,22 @@ def test_run_case_reports_failures_and_mismatches_as_rows():
 CHILD = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {bench_dir!r})
-    import common
+    import memory
     n = int(sys.argv[1])
 
     def run(_):
         block = b"\\x01" * n if n else b""   # touches every page
         return len(block)
 
-    print(json.dumps(common.rss_child_measure(lambda: None, run)))
+    print(json.dumps(memory.rss_child_measure(lambda: None, run)))
 """)
 
 
 def test_fresh_subprocess_peak_rss_sees_200mb(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(bench_dir=str(BENCH_DIR)))
-    big = common.run_child([str(script), str(200 * 2**20)], timeout=60)
-    small = common.run_child([str(script), "0"], timeout=60)
+    big = memory.run_child([str(script), str(200 * 2**20)], timeout=60)
+    small = memory.run_child([str(script), "0"], timeout=60)
     assert big["extra_bytes"] - small["extra_bytes"] > 150 * 2**20, (big, small)
     assert small["extra_bytes"] < 50 * 2**20, small
 
