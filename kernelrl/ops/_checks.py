@@ -65,7 +65,7 @@ def check_choice(name: str, value, choices: tuple) -> None:
 def check_labels_in_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """KERNELRL_DEBUG=1 only: raise on a label outside [0, vocab) that is not ignore_index.
 
-    Costs a host sync (the .item() below), which is why it runs only in debug mode.
+    Costs a host sync (reading the result back), which is why it runs only in debug mode.
     """
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any().item()):  # host sync: debug mode only

@@ -100,7 +100,7 @@ def _mm_fp32_out(device_type: str) -> bool:
         a = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
         c = torch.ones(2, 2, device="cuda")
         torch.addmm(c, a, a, out_dtype=torch.float32, out=c)   # the exact form backward uses
-        return bool((c == 3).all())
+        return bool((c == 3).all())      # host sync: once per process (cached probe)
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
