@@ -87,7 +87,7 @@ namespace simd {
 // The value of v as a plain fp32 vector: an empty asm statement stops the compiler from fusing
 // the multiply that produced v into a later add (FMA contraction is on for the kernels). The
 // kernels compute d = (x - m) / T through it so that d is rounded the same way everywhere.
-template <int W> KR_INLINE F<W> rounded(F<W> v) {
+template <class V> KR_INLINE V rounded_value(V v) {
 #if defined(__x86_64__) || defined(__i386__)
   __asm__("" : "+x"(v));
 #elif defined(__aarch64__) || defined(__arm__)
@@ -97,17 +97,8 @@ template <int W> KR_INLINE F<W> rounded(F<W> v) {
 #endif
   return v;
 }
-
-KR_INLINE float rounded(float v) {
-#if defined(__x86_64__) || defined(__i386__)
-  __asm__("" : "+x"(v));
-#elif defined(__aarch64__) || defined(__arm__)
-  __asm__("" : "+w"(v));
-#else
-  __asm__("" : "+m"(v));
-#endif
-  return v;
-}
+template <int W> KR_INLINE F<W> rounded(F<W> v) { return rounded_value(v); }
+KR_INLINE float rounded(float v) { return rounded_value(v); }
 
 // ---- loads and stores of W elements -------------------------------------------------------------
 
