@@ -207,6 +207,8 @@ def _plan(spec: OpSpec, device: torch.device, gpu_present: bool) -> list[dict]:
             status = chosen = "chosen"
         else:
             status = "available" if ok else "unavailable"
+            if skipped:
+                why = f"{why}; and by default skipped: {skipped}"
         rows.append({"backend": backend, "status": status, "reason": why})
     return rows
 
