@@ -10,7 +10,6 @@ import math
 
 import torch
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float64,) + KERNEL_DTYPES
 
