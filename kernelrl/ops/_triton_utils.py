@@ -25,3 +25,17 @@ def log1p(r):
     """log(1 + r), accurate for tiny r (Goldberg's trick: log(u)·r/(u − 1) with u = 1 + r)."""
     u = 1.0 + r
     return tl.where(u == 1.0, r, tl.log(u) * (r / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) − 1, accurate for tiny x (Kahan's trick: (u − 1)·x / log(u) with u = e^x).
+
+    Used for 1 − p = −expm1(log p) at a label: computing 1 − p directly cancels when the
+    token is confident (p ≈ 1) and loses the gradient's digits.
+    """
+    u = tl.exp(x)
+    um1 = u - 1.0
+    safe = (u != 1.0) & (um1 != -1.0) & (x == x) & (u != float("inf"))
+    ratio = um1 * (x / tl.log(tl.where(safe, u, 2.0)))
+    return tl.where(safe, ratio, tl.where(u == 1.0, x, um1))

@@ -1,41 +1,53 @@
 """Log-probs from hidden states and the lm_head, without ever holding the N×V logits.
 
-Shapes: N tokens (leading dims flattened), H hidden, V vocabulary, C chunk rows,
-B vocabulary block columns, B ≈ C·V / N rounded up to a multiple of 64, so N·B ≈ C·V.
+Shapes (the package legend): N tokens (leading dims flattened), H hidden, V vocabulary.
+Tiles: R token rows × W vocabulary columns, R·W ≈ the tile budget L = chunk_size·V.
 
     logits = hidden @ weight.T + bias                      [N, V], never materialised whole
     logp, entropy = token_logprobs(logits, labels, ...)    see kernelrl.ops.logprobs
 
-The work is tiled into vocabulary blocks of B columns (the same tile size as C token rows
-of the full vocabulary). Blocks rather than token chunks, because the forward and the
-backward then compute each tile with the very same matmul, so the logits recomputed in
-backward are bitwise those the forward normalised; with token chunks forward and
-vocabulary blocks backward, fp32 gradients drifted to 4x eager torch's error.
+Two paths, chosen by what the caller asks for:
 
-Forward: per block, tile = hidden @ weight[v0:v1].T (+ bias) in the input dtype [N, B],
-swept once by the log-prob row kernel for its max, log-sum, entropy and, where the label
-falls in the block, the label's log-prob; the per-block results ([blocks, N] floats) merge
-exactly into full-vocabulary ones (``_merge_blocks``). Only the row stats (max, log-sum)
-and the entropy, 3·N floats, are kept for backward.
-
-Backward (exact for any per-token upstream gradient g, g_H): with the row stats and H,
+Per-token path (reduction="none", or any entropy; exact for ANY upstream gradient g, g_H).
+The logits are cut into R×W tiles (W columns of at most 4096 by default, R rows so that
+R·W ≈ L). Forward and backward build every tile with the very same matmul, so the logits
+recomputed in backward are bitwise those the forward normalised. Forward: each tile is
+swept by the log-prob row kernel for its row max m_b, log-sum log s_b and entropy H_b, and
+merged at once into running per-row statistics (``_RowMerge``: max, log-sum relative to
+the block holding the max, entropy, and the label's logit), so nothing but O(N) vectors
+outlives a tile, whatever the chunk size. Backward: with the full-row stats and H,
 ∂/∂logits_ij = (g_i(1[j=y_i] − p_ij) − g_Hi p_ij (log p_ij + H_i)) / T depends only on row
-i's scalars, so each block is recomputed, turned into its gradient in place by the row
-kernel, and used twice:
+i's scalars, so each tile is recomputed, turned into its gradient G in place by the row
+kernel, and used twice, vocabulary block by vocabulary block:
 
-    grad_weight[v0:v1] = G_blk.T @ hidden       one matmul per block: one rounding
-    grad_hidden       += G_blk @ weight[v0:v1]   accumulated in float32 for 16-bit inputs
-    grad_bias[v0:v1]   = G_blk.sum(0)
+    grad_weight[v0:v1] = Σ_rows G_tile.T @ hidden[r0:r1]   (float32 block sum for 16-bit)
+    grad_hidden[r0:r1] += G_tile @ weight[v0:v1]           (float32 accumulator for 16-bit)
+    grad_bias[v0:v1]   = Σ_rows G_tile.sum(0)
 
 That is 4 matmuls of 2·N·H·V flops (1 forward, 3 backward) against eager's 3, traded for
-never holding an N×V tensor or its float32 copy. Liger-Kernel's trick — gradients computed
-in the forward pass and only scaled in backward — is exact only when every token's upstream
-gradient is the same; PPO and DPO weight tokens differently, so this op does not use it.
+never holding an N×V tensor.
 
-Peak extra memory (beyond inputs, outputs and N-sized vectors): one N·B ≈ C·V tile in the
-input dtype (+ ~3 float32 copies of it on the torch backend), an N×H product per block,
-and an N×H float32 accumulator for float16/bfloat16 inputs: O(C·V + N·H). The default C
-targets 2^26 logits per tile on a GPU and 2^24 on a CPU.
+Scalar path (reduction="sum" or "mean" without entropy, float32/float64 inputs). The
+upstream gradient of a sum is one scalar c, so the gradients are c times those of the
+plain sum, and can be computed exactly during the forward sweep, over R full-vocabulary
+rows at a time (R·V ≈ L): tile = hidden[r0:r1] @ weight.T, row kernel forward (stats),
+row kernel backward with g = 1 in place, then grad_hidden[r0:r1] = G @ weight and
+grad_weight += G.T @ hidden[r0:r1]. Backward only scales the stored gradients by c, in
+place: 3 matmuls, no recompute. (16-bit inputs take the per-token path: accumulating
+grad_weight over row chunks would need a float32 V×H buffer.) The stored gradients are
+consumed by the first backward; a second one (``retain_graph=True``) raises.
+
+Peak extra memory (beyond inputs, outputs and N-sized vectors): one tile of L logits in
+the input dtype (+ ~3 float32 copies of it on the torch backend), a [W, H] float32 block
+accumulator and an N×H float32 accumulator for 16-bit inputs: O(L + N·H). The scalar
+path holds grad_weight and grad_hidden (float32/float64, the size of the outputs) from
+the forward to the backward. The default L is 2^26 logits on a GPU and 2^20 on a CPU
+(2^22 for the scalar path).
+
+Labels: ``ignore_index`` rows give 0 and no gradient. A label outside [0, V) that is not
+``ignore_index`` gives a NaN log-prob and a NaN gradient for its row of the logits; that
+NaN row reaches grad_hidden's row i only, but every row of grad_weight and grad_bias
+(they sum over tokens). ``KERNELRL_DEBUG=1`` raises ValueError instead.
 
 The three algorithms, one reduction away:
     SFT   loss = -linear_logprobs(h, W, y, reduction="mean")          mean token CE
@@ -54,17 +66,9 @@ from kernelrl import backend as _backend
 from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_choice, check_labels,
                                   check_labels_in_range, check_same_device, check_temperature,
                                   check_tensor)
-from kernelrl.ops.logprobs import ROW_BWD, ROW_FWD, token_logprobs_reference
+from kernelrl.ops.logprobs import row_kernels, token_logprobs_reference
 
-__all__ = ["linear_logprobs", "linear_logprobs_reference", "default_chunk_size"]
-
-_backend.register_op(
-    "linear_logprobs",
-    dtypes={"native": KERNEL_DTYPES, "triton": KERNEL_DTYPES, "torch": FLOAT_DTYPES},
-    # CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
-    # CUDA: the kernels compile but have not yet been benchmarked on a GPU.
-    skip=_backend.not_yet_measured("cuda", "native", "triton"),
-)
+__all__ = ["linear_logprobs", "linear_logprobs_reference", "default_chunk_size", "tile_shape"]
 
 
 def linear_logprobs_reference(hidden, weight, labels, *, bias=None, temperature=1.0,
@@ -75,20 +79,45 @@ def linear_logprobs_reference(hidden, weight, labels, *, bias=None, temperature=
                                     return_entropy=return_entropy)
 
 
-def default_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """Tile budget C in token rows: about 2^26 logits per tile on a GPU, 2^24 on a CPU.
+# ---------------------------------------------------------------------------------------
+# tiling
+# ---------------------------------------------------------------------------------------
 
-    On a CPU, tiles narrower than ~2048 columns cost the matmuls up to 40% of their speed
-    (N=8192, H=256); 2^24 fp32 logits are 64 MiB.
+_MAX_BLOCK = 4096     # vocabulary columns per tile: wide enough for full-speed matmuls
+
+
+def _budget(device: torch.device, scalar: bool) -> int:
+    """Default tile budget L in logits: 2^26 on a GPU; on a CPU 2^20 (4 MiB of float32,
+    cache-sized), 2^22 for the scalar path, whose tiles span the whole vocabulary."""
+    if device.type == "cuda":
+        return 1 << 26
+    return 1 << (22 if scalar else 20)
+
+
+def default_chunk_size(n_tokens: int, vocab: int, device: torch.device,
+                       scalar: bool = False) -> int:
+    """Default tile budget C in token rows of the full vocabulary (tiles hold ≈ C·V logits)."""
+    return max(1, min(max(n_tokens, 1), _budget(device, scalar) // vocab))
+
+
+def tile_shape(n_tokens: int, vocab: int, chunk: int) -> tuple[int, int]:
+    """(R rows, W columns) of the per-token path's tiles for a budget of chunk·V logits.
+
+    W is at most 4096 columns, or all of V; R = budget / W rows, at least 1, at most N.
+    A budget that covers all N rows at that width widens the blocks instead (to a
+    multiple of 64 columns), so a GPU-sized budget gives one row block.
     """
-    budget = 1 << (26 if device.type == "cuda" else 24)
-    return max(1, min(n_tokens, max(16, budget // vocab)))
+    budget = max(1, chunk) * vocab
+    n = max(n_tokens, 1)
+    width = min(vocab, _MAX_BLOCK)
+    if budget // n > width:          # all rows fit: widen the blocks instead
+        width = min(vocab, max(width, budget // n // 64 * 64))
+    rows = max(1, min(n, budget // width))
+    return rows, width
 
 
-def _vocab_block(n_tokens: int, vocab: int, chunk: int) -> int:
-    """Backward block width B ≈ chunk·V / N columns, a multiple of 64, at most V."""
-    block = -(-chunk * vocab // max(n_tokens, 1))
-    return min(vocab, max(64, -(-block // 64) * 64))
+def _spans(total: int, step: int):
+    return [(i, min(i + step, total)) for i in range(0, total, step)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,21 +134,21 @@ def _mm_fp32_out(device_type: str) -> bool:
         return False
 
 
-def _logits_tile(hidden, weight, bias, v0, width, buf):
-    """hidden @ weight[v0:v0 + width].T (+ bias) -> [N, width], written into ``buf``.
+def _logits_tile(hidden, weight, bias, r0, r1, v0, v1, buf):
+    """hidden[r0:r1] @ weight[v0:v1].T (+ bias) -> [r1 − r0, v1 − v0], written into ``buf``.
 
     Forward and backward both build every tile here, so the recomputed logits are bitwise
-    the forward's. One buffer serves all blocks: no per-block allocation for the
-    allocator to fragment (on a CPU, freed tiles otherwise linger in the heap).
+    the forward's. One buffer serves all tiles: no per-tile allocation for the allocator
+    to fragment (on a CPU, freed tiles otherwise linger in the heap).
     """
-    out = buf[: hidden.shape[0] * width].view(hidden.shape[0], width)
-    w_blk = weight[v0:v0 + width].t()
+    out = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+    w_blk = weight[v0:v1].t()
     if bias is None:
-        return torch.mm(hidden, w_blk, out=out)
-    return torch.addmm(bias[v0:v0 + width], hidden, w_blk, out=out)
+        return torch.mm(hidden[r0:r1], w_blk, out=out)
+    return torch.addmm(bias[v0:v1], hidden[r0:r1], w_blk, out=out)
 
 
-_TILE_IGNORE, _TILE_OUTSIDE = -2, -1   # tile-relative labels: ignored row, label in another block
+_TILE_IGNORE, _TILE_OUTSIDE = -2, -1   # tile-relative labels: ignored row, label elsewhere
 
 
 def _tile_labels(labels, ignored, v0, width):
@@ -132,44 +161,83 @@ def _tile_labels(labels, ignored, v0, width):
     return torch.where(ignored, _TILE_IGNORE, torch.where(inside, labels - v0, _TILE_OUTSIDE))
 
 
-def _merge_blocks(parts, labels, ignored, invalid, block, inv_temperature, with_entropy):
-    """Combine per-block row results into full-vocabulary logp, row stats and entropy.
+class _RowMerge:
+    """Running full-vocabulary row statistics, merged one tile at a time (all O(N)).
 
-    Block b has max logit m_b, log s_b (its own log-sum, relative to m_b), its entropy H_b
-    and, if it holds the label, logp_b. With m = max_b m_b and a_b = log s_b + (m_b − m)/T:
-        S − 1 = expm1(a_b*) + Σ_{b≠b*} e^{a_b}          (b* holds the max: no cancellation)
-        logp  = logp_b(y) + a_b(y) − log S,    w_b = e^{a_b − log S},
-        H     = Σ_b w_b (H_b − log w_b)        (entropy of a mixture of disjoint supports)
-    All tensors here are [blocks, N]; nothing here is V-sized.
+    Per row, over the blocks b seen so far, with m = max_b m_b, a_b = log s_b + (m_b − m)/T
+    and "top" the block that holds the max:
+        top   log s_top                     rest = Σ_{b≠top} e^{a_b}
+        S     = e^{log s_top} + rest        log S = log1p(expm1(log s_top) + rest)
+        u     = Σ_b e^{a_b} (H_b − a_b + log s_top)
+        H     = u / S + log1p(rest / s_top)        (entropy of a mixture of disjoint supports)
+        lab   = (x_y − m_home) / T, with m_home the max of the block holding the label
+        logp  = lab + (m_home − m)/T − log S
+    Everything is relative to the top block, so one dominant block adds no rounding; when
+    the max moves to a new block, the old terms rescale by α = e^{(m_old − m)/T}.
     """
-    logp_b = torch.stack([p[0] for p in parts])
-    m_b = torch.stack([p[1][:, 0] for p in parts])
-    log_s_b = torch.stack([p[1][:, 1] for p in parts])
-    m, top = m_b.max(dim=0)
-    a = log_s_b + (m_b - m) * inv_temperature
-    is_top = torch.arange(len(parts), device=m.device).unsqueeze(1) == top
-    rest = torch.where(is_top, 0.0, a.exp()).sum(0)
-    log_total = torch.log1p(torch.expm1(a.gather(0, top.unsqueeze(0)).squeeze(0)) + rest)
-    home = (labels.clamp(min=0) // block).clamp(max=len(parts) - 1).unsqueeze(0)
-    logp = logp_b.gather(0, home).squeeze(0) + a.gather(0, home).squeeze(0) - log_total
-    zero = torch.zeros_like(logp)
-    logp = torch.where(ignored, zero, torch.where(invalid, torch.full_like(zero, float("nan")),
-                                                  logp))
-    stats = torch.stack([torch.where(ignored, zero, m), torch.where(ignored, zero, log_total)], 1)
-    ent = zero[:0]
-    if with_entropy:
-        log_w = a - log_total
-        w = log_w.exp()
-        ent_b = torch.stack([p[2] for p in parts])
-        ent = torch.where(ignored, zero, torch.where(w > 0, w * (ent_b - log_w), 0.0).sum(0))
-    return logp, stats, ent
 
+    def __init__(self, n, acc, device, with_entropy):
+        self.m = torch.full((n,), float("-inf"), dtype=acc, device=device)
+        self.log_s_top = torch.zeros(n, dtype=acc, device=device)
+        self.rest = torch.zeros(n, dtype=acc, device=device)
+        self.u = torch.zeros(n if with_entropy else 0, dtype=acc, device=device)
+        self.lab = torch.full((n,), float("nan"), dtype=acc, device=device)
+        self.m_home = torch.zeros(n, dtype=acc, device=device)
+        self.with_entropy = with_entropy
+
+    def add(self, r0, r1, stats, ent, x_label, has_label, inv_temperature):
+        """Merge one tile's rows r0:r1: stats [R, 2] = (m_b, log s_b), ent [R] (H_b),
+        x_label [R] the label's logit where ``has_label``."""
+        m, log_s_top, rest = self.m[r0:r1], self.log_s_top[r0:r1], self.rest[r0:r1]
+        m_b, log_s_b = stats[:, 0], stats[:, 1]
+        m_new = torch.maximum(m, m_b)                       # NaN propagates
+        grew = m_b > m
+        shift_old = torch.where(m == m_new, 0.0, (m - m_new) * inv_temperature)
+        shift_b = torch.where(m_b == m_new, 0.0, (m_b - m_new) * inv_temperature)
+        alpha = shift_old.exp()
+        a_b = log_s_b + shift_b
+        e_b = a_b.exp()
+        s_old = log_s_top.exp() + rest
+        if self.with_entropy:
+            u = self.u[r0:r1]
+            h_b = ent
+            # grew: old terms rescale by alpha and change reference from log s_top to log s_b
+            old = torch.where(alpha > 0, alpha * (u + s_old * (log_s_b - log_s_top - shift_old)),
+                              0.0)
+            term_b = torch.where(e_b > 0, e_b * (h_b - a_b + log_s_top), 0.0)
+            u.copy_(torch.where(grew, old + log_s_b.exp() * h_b, u + term_b))
+        rest.copy_(torch.where(grew, torch.where(alpha > 0, alpha * s_old, 0.0), rest + e_b))
+        log_s_top.copy_(torch.where(grew, log_s_b, log_s_top))
+        m.copy_(m_new)
+        self.lab[r0:r1] = torch.where(has_label, (x_label - m_b) * inv_temperature,
+                                      self.lab[r0:r1])
+        self.m_home[r0:r1] = torch.where(has_label, m_b, self.m_home[r0:r1])
+
+    def finish(self, ignored, invalid, inv_temperature):
+        """-> logp [N], stats [N, 2] = (m, log S), entropy [N] or [0]."""
+        zero = torch.zeros_like(self.m)
+        log_total = torch.log1p(torch.expm1(self.log_s_top) + self.rest)
+        logp = self.lab + (self.m_home - self.m) * inv_temperature - log_total
+        logp = torch.where(ignored, zero, torch.where(invalid, float("nan"), logp))
+        stats = torch.stack([torch.where(ignored, zero, self.m),
+                             torch.where(ignored, zero, log_total)], 1)
+        ent = zero[:0]
+        if self.with_entropy:
+            s = log_total.exp()
+            ent = self.u / s + torch.log1p(self.rest / self.log_s_top.exp())
+            ent = torch.where(ignored, zero, ent)
+        return logp, stats, ent
+
+
+# ---------------------------------------------------------------------------------------
+# per-token path
+# ---------------------------------------------------------------------------------------
 
 class LinearLogprobsFunction(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 -> (logp, entropy).
 
-    Forward and backward sweep the same vocabulary blocks with the same matmul, so the
-    logits recomputed in backward are bitwise those of the forward.
+    Forward and backward sweep the same R×W tiles with the same matmul, so the logits
+    recomputed in backward are bitwise those of the forward. First-order only.
     """
 
     @staticmethod
@@ -179,23 +247,23 @@ class LinearLogprobsFunction(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         ignored = labels == ignore_index
         invalid = ~ignored & ((labels < 0) | (labels >= vocab))
-        block = _vocab_block(n, vocab, chunk)
-        fwd = ROW_FWD[backend]
-        parts = []
-        buf = torch.empty(n * block if n else 0, dtype=hidden.dtype, device=hidden.device)
-        for v0 in range(0, vocab if n else 0, block):
-            width = min(block, vocab - v0)
-            tile = _logits_tile(hidden, weight, bias, v0, width, buf)          # [N, B]
-            parts.append(fwd(tile, _tile_labels(labels, ignored, v0, width), inv_temperature,
-                             _TILE_IGNORE, with_entropy))
+        rows, width = tile_shape(n, vocab, chunk)
+        fwd = row_kernels(backend).fwd
+        merge = _RowMerge(n, acc, hidden.device, with_entropy)
+        buf = torch.empty(rows * width if n else 0, dtype=hidden.dtype, device=hidden.device)
+        for v0, v1 in _spans(vocab if n else 0, width):
+            block_labels = _tile_labels(labels, ignored, v0, v1 - v0)
+            inside = block_labels >= 0
+            at = block_labels.clamp(min=0).unsqueeze(1)
+            for r0, r1 in _spans(n, rows):
+                tile = _logits_tile(hidden, weight, bias, r0, r1, v0, v1, buf)     # [R, W]
+                _, stats, ent = fwd(tile, block_labels[r0:r1], inv_temperature,
+                                    _TILE_IGNORE, with_entropy)
+                x_label = tile.gather(1, at[r0:r1]).squeeze(1).to(acc)
+                merge.add(r0, r1, stats.to(acc), ent.to(acc), x_label, inside[r0:r1],
+                          inv_temperature)
         del buf
-        if parts:
-            logp, stats, ent = _merge_blocks(parts, labels, ignored, invalid, block,
-                                             inv_temperature, with_entropy)
-        else:
-            logp = torch.empty(0, dtype=acc, device=hidden.device)
-            ent = torch.empty(0, dtype=acc, device=hidden.device)
-            stats = torch.empty(0, 2, dtype=acc, device=hidden.device)
+        logp, stats, ent = merge.finish(ignored, invalid, inv_temperature)
         ctx.save_for_backward(hidden, weight, bias, labels, stats, ent)
         ctx.config = (inv_temperature, ignore_index, with_entropy, chunk, backend)
         if not with_entropy:
@@ -203,6 +271,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_ent):
         hidden, weight, bias, labels, stats, ent = ctx.saved_tensors
         inv_temperature, ignore_index, with_entropy, chunk, backend = ctx.config
@@ -217,60 +286,112 @@ class LinearLogprobsFunction(torch.autograd.Function):
         fp32_out = low_precision and _mm_fp32_out(hidden.device.type)
         grad_h = (torch.zeros(hidden.shape, device=hidden.device,
                               dtype=torch.float32 if low_precision else dtype) if need_h else None)
-        grad_w = torch.empty_like(weight) if need_w else None
-        grad_b = torch.empty(vocab, dtype=acc, device=hidden.device) if need_b else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
 
-        bwd = ROW_BWD[backend]
-        block = _vocab_block(n, vocab, chunk)
-        buf = torch.empty(n * block if n else 0, dtype=dtype, device=hidden.device)
-        for v0 in range(0, vocab if n else 0, block):
-            v1 = min(v0 + block, vocab)
+        bwd = row_kernels(backend).bwd
+        rows, width = tile_shape(n, vocab, chunk)
+        row_spans = _spans(n, rows)
+        buf = torch.empty(rows * width if n else 0, dtype=dtype, device=hidden.device)
+        # 16-bit grad_weight blocks sum over row tiles in float32, then round once
+        w_acc = (torch.empty(width, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+                 if need_w and low_precision and len(row_spans) > 1 else None)
+        for v0, v1 in _spans(vocab if n else 0, width):
             w_blk = weight[v0:v1]
-            tile = _logits_tile(hidden, weight, bias, v0, v1 - v0, buf)              # [N, B]
-            bwd(tile, labels, stats, ent, grad_logp, grad_ent, tile, inv_temperature,
-                ignore_index, vocab, v0)                                          # in place
-            if need_w:
-                torch.mm(tile.t(), hidden, out=grad_w[v0:v1])
-            if need_b:
-                grad_b[v0:v1] = tile.sum(0, dtype=acc)
-            if need_h and fp32_out:
-                torch.addmm(grad_h, tile, w_blk, out_dtype=torch.float32, out=grad_h)
-            elif need_h and low_precision:
-                grad_h += (tile @ w_blk).float()
-            elif need_h:
-                grad_h.addmm_(tile, w_blk)
-        del buf
-        if n == 0:
-            if need_w:
-                grad_w.zero_()
-            if need_b:
-                grad_b.zero_()
+            for k, (r0, r1) in enumerate(row_spans):
+                tile = _logits_tile(hidden, weight, bias, r0, r1, v0, v1, buf)     # [R, W]
+                bwd(tile, labels[r0:r1], stats[r0:r1], ent[r0:r1] if with_entropy else ent,
+                    grad_logp[r0:r1], None if grad_ent is None else grad_ent[r0:r1], tile,
+                    inv_temperature, ignore_index, vocab, v0)                    # in place
+                if need_w and w_acc is not None:
+                    blk = w_acc[: v1 - v0]
+                    if k == 0:
+                        torch.mm(tile.t().float(), hidden[r0:r1].float(), out=blk)
+                    else:
+                        blk.addmm_(tile.t().float(), hidden[r0:r1].float())
+                elif need_w and k == 0:
+                    torch.mm(tile.t(), hidden[r0:r1], out=grad_w[v0:v1])
+                elif need_w:
+                    grad_w[v0:v1].addmm_(tile.t(), hidden[r0:r1])
+                if need_b:
+                    grad_b[v0:v1] += tile.sum(0, dtype=acc)
+                if need_h and fp32_out:
+                    torch.addmm(grad_h[r0:r1], tile, w_blk, out_dtype=torch.float32,
+                                out=grad_h[r0:r1])
+                elif need_h and low_precision:
+                    grad_h[r0:r1] += (tile @ w_blk).float()
+                elif need_h:
+                    grad_h[r0:r1].addmm_(tile, w_blk)
+            if w_acc is not None:
+                grad_w[v0:v1] = w_acc[: v1 - v0]
+        del buf, w_acc
         return (grad_h.to(dtype) if need_h else None, grad_w,
                 grad_b.to(bias.dtype) if need_b else None, None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------
+# scalar path: sum of log-probs, gradients computed during the forward sweep
+# ---------------------------------------------------------------------------------------
+
+class LinearLogprobSumFunction(torch.autograd.Function):
+    """Σ_i logp_i over non-ignored rows -> a 0-d tensor; gradients (for an upstream c = 1)
+    are computed in forward, over full-vocabulary row tiles, and scaled by c in backward.
+    Float32/float64 only. First-order only; the first backward consumes the gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, inv_temperature, ignore_index, chunk,
+                backend):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        kernels = row_kernels(backend)
+        rows = max(1, min(n, chunk))
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        total = torch.zeros((), dtype=torch.float64 if hidden.dtype == torch.float64
+                            else torch.float32, device=hidden.device)
+        buf = torch.empty(rows * vocab if n else 0, dtype=hidden.dtype, device=hidden.device)
+        for r0, r1 in _spans(n, rows):
+            tile = _logits_tile(hidden, weight, bias, r0, r1, 0, vocab, buf)       # [R, V]
+            lab = labels[r0:r1]
+            logp, stats, _ = kernels.fwd(tile, lab, inv_temperature, ignore_index, False)
+            total += logp.sum()
+            if not (need_h or need_w or need_b):
+                continue
+            ones = torch.ones(r1 - r0, dtype=stats.dtype, device=hidden.device)
+            kernels.bwd(tile, lab, stats, stats[:0, 0], ones, None, tile, inv_temperature,
+                        ignore_index, vocab, 0)                                  # in place
+            if need_h:
+                torch.mm(tile, weight, out=grad_h[r0:r1])
+            if need_w:
+                grad_w.addmm_(tile.t(), hidden[r0:r1])
+            if need_b:
+                grad_b += tile.sum(0)
+        del buf
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(total) if not (need_h or need_w or need_b) else None
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "linear_logprobs(reduction='sum'|'mean'): this graph was already backpropagated "
+                "(the gradients computed in forward are consumed by the first backward; "
+                "use reduction='none' and reduce yourself for retain_graph=True)")
+        ctx.grads = None
+        scale = grad_total.to(grads[0].dtype if grads[0] is not None else
+                              (grads[1] if grads[1] is not None else grads[2]).dtype)
+        out = tuple(None if g is None else g.mul_(scale) for g in grads)
+        return out + (None,) * 5
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False,
                     chunk_size: int | None = None, reduction: str = "none"):
-    """``token_logprobs(hidden @ weight.T + bias, labels)`` without an N×V tensor.
-
-    Args:
-        hidden: [..., H] float32, float16 or bfloat16 (float64 runs on the torch backend).
-        weight: [V, H] lm_head weight, same dtype and device as ``hidden``.
-        labels: [...] integer token ids in [0, V), or ``ignore_index``.
-        bias: optional [V] lm_head bias.
-        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
-        chunk_size: tile budget C, in token rows of the full vocabulary: tiles hold about
-            C·V logits. Peak extra memory is O(C·V + N·H) (module docstring). Default
-            :func:`default_chunk_size`.
-        reduction: ``"none"`` (per-token [...]), ``"sum"``, or ``"mean"`` over tokens
-            whose label is not ``ignore_index``. The entropy is reduced the same way.
-
-    Returns:
-        logp (float32; float64 for float64 inputs), or (logp, entropy). Gradients flow to
-        ``hidden``, ``weight`` and ``bias`` and are exact for any upstream gradient.
-    """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim_min=1)
     check_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2)
     check_same_device("weight", weight, hidden.device)
@@ -297,9 +418,17 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     backend = _backend.select("linear_logprobs", hidden.device, hidden.dtype)
     rows = hidden.reshape(-1, width)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    chunk = chunk_size or default_chunk_size(rows.shape[0], vocab, hidden.device)
-    logp, ent = LinearLogprobsFunction.apply(rows, weight, bias, flat_labels, inv_temperature,
-                                             ignore_index, bool(return_entropy), chunk, backend)
+    scalar = (reduction != "none" and not return_entropy
+              and hidden.dtype in (torch.float32, torch.float64))
+    chunk = chunk_size or default_chunk_size(rows.shape[0], vocab, hidden.device, scalar)
+    if scalar:
+        logp = LinearLogprobSumFunction.apply(rows, weight, bias, flat_labels, inv_temperature,
+                                              ignore_index, chunk, backend)
+        ent = logp[:0]
+    else:
+        logp, ent = LinearLogprobsFunction.apply(rows, weight, bias, flat_labels,
+                                                 inv_temperature, ignore_index,
+                                                 bool(return_entropy), chunk, backend)
     if reduction == "none":
         logp = logp.reshape(labels.shape)
         ent = ent.reshape(labels.shape) if return_entropy else ent
@@ -309,3 +438,28 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             count = (flat_labels != ignore_index).sum().clamp(min=1)  # stays on device
             logp, ent = logp / count, ent / count
     return (logp, ent) if return_entropy else logp
+
+
+def _examples(device: torch.device, dtype: torch.dtype) -> list:
+    """Representative inputs for ``kernelrl tune``: one per-token and one mean (SFT) call."""
+    n, width, vocab = (1024, 128, 32000) if device.type == "cpu" else (8192, 4096, 128256)
+    out = []
+    for reduction in ("none", "mean"):
+        hidden = torch.randn(n, width, device=device).to(dtype).requires_grad_()
+        weight = (torch.randn(vocab, width, device=device) * 2 / width ** 0.5).to(dtype)
+        labels = torch.randint(0, vocab, (n,), device=device)
+        labels[::10] = -100
+        out.append((f"N={n} H={width} V={vocab} reduction={reduction}",
+                    (hidden, weight.requires_grad_(), labels), {"reduction": reduction}))
+    return out
+
+
+_backend.register_op(
+    "linear_logprobs",
+    {"native": _backend.Implementation(KERNEL_DTYPES, row_kernels("native")),
+     "triton": _backend.Implementation(KERNEL_DTYPES, row_kernels("triton")),
+     "torch": _backend.Implementation(FLOAT_DTYPES, row_kernels("torch"))},
+    # CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
+    # CUDA: the kernels compile but have not yet been benchmarked on a GPU.
+    skip=_backend.not_yet_measured("cuda", "native", "triton"),
+    examples=_examples, fn=linear_logprobs)

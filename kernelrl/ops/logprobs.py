@@ -49,20 +49,16 @@ import torch
 import triton
 import triton.language as tl
 
+from typing import Callable, NamedTuple
+
 from kernelrl import backend as _backend
-from kernelrl.ops._triton_utils import downcast, log1p
+from kernelrl.ops import _native
+from kernelrl.ops._triton_utils import downcast, expm1, log1p
 from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_labels,
                                   check_labels_in_range, check_temperature, check_tensor)
 
-__all__ = ["token_logprobs", "token_logprobs_reference", "TokenLogprobsFunction"]
-
-_backend.register_op(
-    "token_logprobs",
-    dtypes={"native": KERNEL_DTYPES, "triton": KERNEL_DTYPES, "torch": FLOAT_DTYPES},
-    # CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
-    # CUDA: the kernels compile but have not yet been benchmarked on a GPU.
-    skip=_backend.not_yet_measured("cuda", "native", "triton"),
-)
+__all__ = ["token_logprobs", "token_logprobs_reference", "TokenLogprobsFunction",
+           "RowKernels", "row_kernels"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,19 +139,27 @@ def _torch_bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
     ignored, invalid = _row_masks(labels, vocab_size, ignore_index)
     target = labels - col_offset
     in_tile = (target >= 0) & (target < n_cols)
-    onehot_at = target.clamp(0, n_cols - 1).unsqueeze(1)
-    onehot_g = torch.where(in_tile, grad_logp, 0.0).unsqueeze(1)
+    at = target.clamp(0, n_cols - 1).unsqueeze(1)
     # one multiply applies 1/T, and NaN to rows whose label is out of range
     scale = torch.where(invalid, float("nan"), inv_temperature).to(acc).unsqueeze(1)
     for i, j in _row_chunks(n, n_cols, logits.device):
+        g = grad_logp[i:j].unsqueeze(1)
         logq = (logits[i:j].to(acc) - stats[i:j, :1]).mul_(inv_temperature).sub_(stats[i:j, 1:])
+        # at the label: g·(1 − p) = −g·expm1(log p), which keeps its digits when p ≈ 1
+        logq_y = logq.gather(1, at[i:j])
+        label_grad = -g * torch.expm1(logq_y)
         p = logq.exp()
         if grad_ent is None:
-            grad = p.mul_(-grad_logp[i:j].unsqueeze(1))
+            grad = p.mul_(-g)
         else:
-            h_term = torch.where(p > 0, p * (logq + ent[i:j].unsqueeze(1)), 0.0)
-            grad = p.mul_(-grad_logp[i:j].unsqueeze(1)).sub_(h_term.mul_(grad_ent[i:j, None]))
-        grad.scatter_add_(1, onehot_at[i:j], onehot_g[i:j])
+            g_h = grad_ent[i:j, None]
+            h = ent[i:j].unsqueeze(1)
+            h_term = torch.where(p > 0, p * (logq + h), 0.0)
+            p_y = logq_y.exp()
+            label_grad -= g_h * torch.where(p_y > 0, p_y * (logq_y + h), 0.0)
+            grad = p.mul_(-g).sub_(h_term.mul_(g_h))
+        keep = grad.gather(1, at[i:j])
+        grad.scatter_(1, at[i:j], torch.where(in_tile[i:j, None], label_grad, keep))
         grad.mul_(scale[i:j]).masked_fill_(ignored[i:j].unsqueeze(1), 0.0)
         grad_out[i:j].copy_(grad)
     return grad_out
@@ -203,10 +207,12 @@ def _logprobs_fwd_kernel(
     m = tl.zeros((), dtype=tl.float32) - float("inf")
     r = tl.zeros((), dtype=tl.float32) - 1.0
     t = tl.zeros((), dtype=tl.float32)
+    n_nan = tl.zeros((), dtype=tl.float32)  # NaN logits seen: max/compare would skip them
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         mask = start + cols < V
         x = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        n_nan += tl.sum(tl.where(x != x, 1.0, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         finite = m_new > float("-inf")
         ref = tl.where(finite, m_new, 0.0)
@@ -229,6 +235,9 @@ def _logprobs_fwd_kernel(
     safe = tl.minimum(tl.maximum(label, 0), V - 1)
     x_y = tl.load(row_ptr + safe, mask=valid & (~ignored), other=0.0).to(tl.float32)
     log_s = log1p(tl.where(ignored, 0.0, r))      # ignored rows swept nothing
+    # A NaN logit makes the row NaN (log-prob, entropy, and via log s the gradient): the
+    # max and the comparisons above ignore NaN, in the interpreter and on a GPU alike.
+    log_s = tl.where(n_nan > 0, float("nan"), log_s)
     logp = tl.where(valid, (x_y - m) * inv_temperature - log_s, float("nan"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
     tl.store(stats_ptr + 2 * row, tl.where(ignored, 0.0, m))
@@ -276,7 +285,8 @@ def _logprobs_bwd_kernel(
         x = tl.load(row_ptr + idx, mask=mask & (~ignored), other=0.0).to(tl.float32)
         logq = (x - m) * inv_temperature - log_s
         p = tl.exp(logq)
-        grad = tl.where(idx == target, g, 0.0) - g * p
+        # at the label g·(1 − p) = −g·expm1(log p): no cancellation when p ≈ 1
+        grad = tl.where(idx == target, -g * expm1(logq), -g * p)
         if HAS_ENTROPY_GRAD:
             grad -= g_h * tl.where(p > 0, p * (logq + h), 0.0)
         grad = grad * inv_temperature
@@ -318,21 +328,6 @@ def _triton_bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
 # native: kernelrl._native wrapped as custom ops (so torch.compile and FSDP trace through)
 # ---------------------------------------------------------------------------------------
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _native_call(name: str, device: torch.device, *args) -> None:
-    lib = _backend.native_module()
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            getattr(lib, name + "_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        threads = torch.get_num_threads()
-        if lib.get_num_threads() != threads:      # follow torch.set_num_threads
-            lib.set_num_threads(threads)
-        getattr(lib, name + "_cpu")(*args)
-
-
 @torch.library.custom_op("kernelrl::logprobs_fwd", mutates_args=())
 def _native_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float,
                 ignore_index: int, with_entropy: bool
@@ -342,10 +337,11 @@ def _native_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temperature: flo
     stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
     ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if n:
-        _native_call("logprobs_fwd", logits.device, logits.data_ptr(), labels.data_ptr(),
-                     logp.data_ptr(), stats.data_ptr(), ent.data_ptr() if with_entropy else 0,
-                     n, vocab, logits.stride(0), _DTYPE_CODE[logits.dtype],
-                     inv_temperature, ignore_index)
+        lib = _native.library()
+        _native.launch(logits.device, lib.logprobs_fwd_cpu, lib.logprobs_fwd_cuda,
+                       logits.data_ptr(), labels.data_ptr(), logp.data_ptr(), stats.data_ptr(),
+                       ent.data_ptr() if with_entropy else 0, n, vocab, logits.stride(0),
+                       _native.dtype_code(logits.dtype), inv_temperature, ignore_index)
     return logp, stats, ent
 
 
@@ -361,52 +357,100 @@ def _native_bwd_launch(logits, labels, stats, ent, grad_logp, grad_ent, grad_out
                        inv_temperature, ignore_index, vocab_size, col_offset):
     n, n_cols = logits.shape
     if n:
-        _native_call("logprobs_bwd", logits.device, logits.data_ptr(), labels.data_ptr(),
-                     stats.data_ptr(), ent.data_ptr() if grad_ent is not None else 0,
-                     grad_logp.data_ptr(), grad_ent.data_ptr() if grad_ent is not None else 0,
-                     grad_out.data_ptr(), n, n_cols, vocab_size, col_offset,
-                     logits.stride(0), grad_out.stride(0), _DTYPE_CODE[logits.dtype],
-                     inv_temperature, ignore_index)
-    return grad_out
+        lib = _native.library()
+        has_ent = grad_ent is not None
+        _native.launch(logits.device, lib.logprobs_bwd_cpu, lib.logprobs_bwd_cuda,
+                       logits.data_ptr(), labels.data_ptr(), stats.data_ptr(),
+                       ent.data_ptr() if has_ent else 0, grad_logp.data_ptr(),
+                       grad_ent.data_ptr() if has_ent else 0, grad_out.data_ptr(), n, n_cols,
+                       vocab_size, col_offset, logits.stride(0), grad_out.stride(0),
+                       _native.dtype_code(logits.dtype), inv_temperature, ignore_index)
 
 
-@torch.library.custom_op("kernelrl::logprobs_bwd", mutates_args=("grad_out",))
+@torch.library.custom_op("kernelrl::logprobs_bwd", mutates_args=())
 def _native_bwd_op(logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
                    ent: torch.Tensor, grad_logp: torch.Tensor, grad_ent: torch.Tensor | None,
-                   grad_out: torch.Tensor, inv_temperature: float, ignore_index: int,
-                   vocab_size: int, col_offset: int) -> None:
-    _native_bwd_launch(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
+                   inv_temperature: float, ignore_index: int, vocab_size: int,
+                   col_offset: int) -> torch.Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _native_bwd_launch(logits, labels, stats, ent, grad_logp, grad_ent, grad,
+                       inv_temperature, ignore_index, vocab_size, col_offset)
+    return grad
+
+
+@_native_bwd_op.register_fake
+def _(logits, labels, stats, ent, grad_logp, grad_ent, inv_temperature, ignore_index,
+      vocab_size, col_offset):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("kernelrl::logprobs_bwd_", mutates_args=("tile",))
+def _native_bwd_inplace_op(tile: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
+                           ent: torch.Tensor, grad_logp: torch.Tensor,
+                           grad_ent: torch.Tensor | None, inv_temperature: float,
+                           ignore_index: int, vocab_size: int, col_offset: int) -> None:
+    """The backward written over the logits tile itself (linear_logprobs' recomputed tiles);
+    the kernels read each element before they write it."""
+    _native_bwd_launch(tile, labels, stats, ent, grad_logp, grad_ent, tile,
                        inv_temperature, ignore_index, vocab_size, col_offset)
 
 
 def _native_bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
                 inv_temperature, ignore_index, vocab_size, col_offset):
-    if grad_out.data_ptr() == logits.data_ptr():
-        # In place (linear_logprobs' recomputed tiles): a custom op may not alias an input
-        # with a mutated argument, so launch directly; the kernels read before they write.
-        return _native_bwd_launch(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
-                                  inv_temperature, ignore_index, vocab_size, col_offset)
-    _native_bwd_op(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
-                   inv_temperature, ignore_index, vocab_size, col_offset)
+    if grad_out is logits:
+        _native_bwd_inplace_op(logits, labels, stats, ent, grad_logp, grad_ent,
+                               inv_temperature, ignore_index, vocab_size, col_offset)
+        return logits
+    grad_out.copy_(_native_bwd_op(logits, labels, stats, ent, grad_logp, grad_ent,
+                                  inv_temperature, ignore_index, vocab_size, col_offset))
     return grad_out
 
 
 # ---------------------------------------------------------------------------------------
-# row kernels by backend: fwd(logits[N,V], labels[N]) -> (logp, stats [N, 2], ent);
-# bwd(tile[N,n_cols], ...) writes grad_out[N,n_cols] (which may be the tile itself)
+# the row-kernel interface, one per backend (linear_logprobs reuses it tile by tile)
 # ---------------------------------------------------------------------------------------
 
-ROW_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "native": _native_fwd}
-ROW_BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "native": _native_bwd}
+class RowKernels(NamedTuple):
+    """A backend's log-prob row kernels.
+
+    fwd(logits [N, V], labels [N] int64, inv_temperature, ignore_index, with_entropy)
+        -> (logp [N], stats [N, 2] = (row max m, log s), entropy [N] or [0]), float32
+        (float64 for float64 logits on the torch backend).
+    bwd(tile [N, n_cols], labels, stats, entropy, grad_logp, grad_entropy or None,
+        grad_out [N, n_cols], inv_temperature, ignore_index, vocab_size, col_offset)
+        writes the gradient of the tile holding vocab ids col_offset .. col_offset + n_cols − 1
+        into grad_out and returns it. ``grad_out`` may be the tile itself (the same tensor
+        object): then it is overwritten in place.
+    """
+
+    fwd: Callable
+    bwd: Callable
+
+
+_ROW_KERNELS = {
+    "torch": RowKernels(_torch_fwd, _torch_bwd),
+    "triton": RowKernels(_triton_fwd, _triton_bwd),
+    "native": RowKernels(_native_fwd, _native_bwd),
+}
+
+
+def row_kernels(backend: str) -> RowKernels:
+    """The row kernels of ``backend`` ("torch", "triton" or "native")."""
+    return _ROW_KERNELS[backend]
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """logits [N, V] (unit column stride), labels [N] int64 -> (logp [N], entropy [N] or [0])."""
+    """logits [N, V] (unit column stride), labels [N] int64 -> (logp [N], entropy [N] or [0]).
+
+    First-order only: the backward is a fused kernel, not differentiable itself, so a
+    second derivative (``create_graph=True``, then differentiating the gradient) raises
+    instead of silently dropping terms.
+    """
 
     @staticmethod
     def forward(ctx, logits, labels, inv_temperature, ignore_index, with_entropy, backend):
-        logp, stats, ent = ROW_FWD[backend](logits, labels, inv_temperature, ignore_index,
-                                          with_entropy)
+        logp, stats, ent = row_kernels(backend).fwd(logits, labels, inv_temperature,
+                                                    ignore_index, with_entropy)
         ctx.save_for_backward(logits, labels, stats, ent)
         ctx.config = (inv_temperature, ignore_index, with_entropy, backend)
         if not with_entropy:
@@ -414,6 +458,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_ent):
         logits, labels, stats, ent = ctx.saved_tensors
         inv_temperature, ignore_index, with_entropy, backend = ctx.config
@@ -423,8 +468,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
                      else grad_logp.to(acc).contiguous())
         grad_ent = grad_ent.to(acc).contiguous() if with_entropy and grad_ent is not None else None
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ROW_BWD[backend](logits, labels, stats, ent, grad_logp, grad_ent, grad,
-                         inv_temperature, ignore_index, vocab, 0)
+        row_kernels(backend).bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad,
+                                 inv_temperature, ignore_index, vocab, 0)
         return grad, None, None, None, None, None
 
 
@@ -469,3 +514,44 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
                                             bool(return_entropy), backend)
     logp = logp.reshape(labels.shape)
     return (logp, ent.reshape(labels.shape)) if return_entropy else logp
+
+
+def _examples(device: torch.device, dtype: torch.dtype) -> list:
+    """Representative inputs for ``kernelrl tune``: a CPU-sized and a GPU-sized batch."""
+    shapes = [(512, 32000)] if device.type == "cpu" else [(4096, 32000), (4096, 128256)]
+    out = []
+    for n, vocab in shapes:
+        logits = (2 * torch.randn(n, vocab, device=device)).to(dtype).requires_grad_()
+        labels = torch.randint(0, vocab, (n,), device=device)
+        labels[::10] = -100
+        out.append((f"N={n} V={vocab}", (logits, labels), {"return_entropy": False}))
+    return out
+
+
+_backend.register_op(
+    "token_logprobs",
+    {"native": _backend.Implementation(KERNEL_DTYPES, row_kernels("native")),
+     "triton": _backend.Implementation(KERNEL_DTYPES, row_kernels("triton")),
+     "torch": _backend.Implementation(FLOAT_DTYPES, row_kernels("torch"))},
+    # CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
+    # CUDA: the kernels compile but have not yet been benchmarked on a GPU.
+    skip=_backend.not_yet_measured("cuda", "native", "triton"),
+    examples=_examples, fn=token_logprobs)
+
+#: Signatures for compiling every Triton kernel here ahead of time (tests/ops).
+AOT_SIGNATURES = {
+    "_logprobs_fwd_kernel": ({
+        "logits_ptr": "*{dt}", "labels_ptr": "*i64", "logp_ptr": "*fp32",
+        "stats_ptr": "*fp32", "ent_ptr": "*fp32", "V": "i32", "stride_row": "i64",
+        "inv_temperature": "fp32", "ignore_index": "i64",
+        "BLOCK_V": "constexpr", "HAS_ENTROPY": "constexpr"},
+        [{"BLOCK_V": 4096, "HAS_ENTROPY": True}, {"BLOCK_V": 1024, "HAS_ENTROPY": False}]),
+    "_logprobs_bwd_kernel": ({
+        "logits_ptr": "*{dt}", "labels_ptr": "*i64", "stats_ptr": "*fp32", "ent_ptr": "*fp32",
+        "grad_logp_ptr": "*fp32", "grad_ent_ptr": "*fp32", "grad_ptr": "*{dt}",
+        "n_cols": "i32", "vocab_size": "i32", "col_offset": "i32", "stride_row": "i64",
+        "stride_grad_row": "i64", "inv_temperature": "fp32", "ignore_index": "i64",
+        "BLOCK_V": "constexpr", "HAS_ENTROPY_GRAD": "constexpr"},
+        [{"BLOCK_V": 4096, "HAS_ENTROPY_GRAD": True},
+         {"BLOCK_V": 1024, "HAS_ENTROPY_GRAD": False}]),
+}

@@ -6,7 +6,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES, use_backend
 from kernelrl.ops import linear_logprobs
-from kernelrl.ops.linear_logprobs import _vocab_block, linear_logprobs_reference
+import importlib
+linear_module = importlib.import_module("kernelrl.ops.linear_logprobs")
+from kernelrl.ops.linear_logprobs import linear_logprobs_reference, tile_shape
 from numerics import check
 
 BACKENDS = ["torch", "triton", "native"]
@@ -59,9 +61,13 @@ def compare(hidden, weight, bias, labels, *, entropy=True, temperature=1.0,
 def test_matches_reference_across_chunks(monkeypatch, name, dtype, device, bias, entropy,
                                          temperature):
     use_backend(monkeypatch, name, device, op="linear_logprobs", dtype=dtype)
+    monkeypatch.setattr(linear_module, "_MAX_BLOCK", 384)
     hidden, weight, b, labels = make_inputs(150, 48, 1000, dtype, device, bias=bias)
-    # 150 rows in chunks of 64 (3 chunks, the last ragged); backward blocks of 448 columns
-    assert _vocab_block(150, 1000, 64) == 448
+    # tiles of 150 rows x 384 columns: 1 row block, 3 vocabulary blocks (the last ragged)
+    assert tile_shape(150, 1000, 64) == (150, 384)
+    compare(hidden, weight, b, labels, entropy=entropy, temperature=temperature, chunk_size=64)
+    # 3 row blocks (the last ragged) x 3 vocabulary blocks
+    assert tile_shape(150, 1000, 24) == (62, 384)
     compare(hidden, weight, b, labels, entropy=entropy, temperature=temperature, chunk_size=64)
 
 
@@ -154,8 +160,10 @@ def test_no_tensor_of_n_by_v_is_ever_created(monkeypatch, name):
         logp, ent = linear_logprobs(hidden, weight, labels, bias=b, chunk_size=chunk,
                                     return_entropy=True)
         (logp.sum() + ent.sum()).backward()
-    # the largest tile is C·V (forward) or N·B ≈ C·V rounded up to 64 columns (backward)
-    assert Largest.nbytes <= n * _vocab_block(n, vocab, chunk) * 4
+    # the largest tensor is one R x W tile of about C·V logits
+    rows, width = tile_shape(n, vocab, chunk)
+    assert rows * width <= chunk * vocab
+    assert Largest.nbytes <= max(rows * width, n * width) * 4
     assert Largest.nbytes <= n * vocab * 4 // 8
 
 
