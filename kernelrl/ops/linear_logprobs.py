@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from kernelrl import backend as _backend
+from kernelrl.ops._autograd import first_order_only
 from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_choice, check_labels,
                                   check_labels_in_range, check_same_device, check_temperature,
                                   check_tensor)
@@ -271,7 +272,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("linear_logprobs")
     def backward(ctx, grad_logp, grad_ent):
         hidden, weight, bias, labels, stats, ent = ctx.saved_tensors
         inv_temperature, ignore_index, with_entropy, chunk, backend = ctx.config
@@ -368,12 +369,13 @@ class LinearLogprobSumFunction(torch.autograd.Function):
             if need_b:
                 grad_b += tile.sum(0)
         del buf
+        ctx.save_for_backward(hidden, weight, bias)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(total) if not (need_h or need_w or need_b) else None
         return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("linear_logprobs")
     def backward(ctx, grad_total):
         grads = ctx.grads
         if grads is None:
@@ -424,7 +426,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if scalar:
         logp = LinearLogprobSumFunction.apply(rows, weight, bias, flat_labels, inv_temperature,
                                               ignore_index, chunk, backend)
-        ent = logp[:0]
+        if reduction == "mean":
+            logp = logp / (flat_labels != ignore_index).sum().clamp(min=1)  # stays on device
+        return logp
     else:
         logp, ent = LinearLogprobsFunction.apply(rows, weight, bias, flat_labels,
                                                  inv_temperature, ignore_index,

@@ -53,6 +53,7 @@ from typing import Callable, NamedTuple
 
 from kernelrl import backend as _backend
 from kernelrl.ops import _native
+from kernelrl.ops._autograd import first_order_only
 from kernelrl.ops._triton_utils import downcast, expm1, log1p
 from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_labels,
                                   check_labels_in_range, check_temperature, check_tensor)
@@ -458,7 +459,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("token_logprobs")
     def backward(ctx, grad_logp, grad_ent):
         logits, labels, stats, ent = ctx.saved_tensors
         inv_temperature, ignore_index, with_entropy, backend = ctx.config

@@ -206,3 +206,112 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+# ---- the scalar (gradient-in-forward) path, NaN rows, all-ignored mean, memory -------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_scalar_path_matches_reference(monkeypatch, name, reduction, dtype):
+    """reduction="sum"/"mean" without entropy computes the gradients during the forward and
+    scales them by the (random, not 1) upstream scalar in backward."""
+    if dtype == torch.float64 and name != "torch":
+        pytest.skip("float64 runs on the torch backend only")
+    use_backend(monkeypatch, name, "cpu", op="linear_logprobs", dtype=dtype)
+    hidden, weight, b, labels = make_inputs(37, 24, 700, dtype, "cpu", ignore_frac=0.3)
+    c = float(torch.randn(()))
+    out = run(lambda *a, **k: c * linear_logprobs(*a, reduction=reduction, **k),
+              hidden, weight, b, labels, torch.ones(()), None, chunk_size=5)
+    to64 = lambda t: t.double()
+    count = (labels != -100).sum() if reduction == "mean" else 1
+    ref = run(lambda *a, **k: c * linear_logprobs_reference(*a, **k).sum() / count,
+              to64(hidden), to64(weight), to64(b), labels, torch.ones((), dtype=torch.float64),
+              None)
+    eager = run(lambda *a, **k: c * linear_logprobs_reference(*a, **k).sum() / count,
+                hidden, weight, b, labels, torch.ones(()), None)
+    for i, what in [(0, "loss"), (2, "grad_hidden"), (3, "grad_weight"), (4, "grad_bias")]:
+        check(what, out[i].reshape(-1), ref[i].reshape(-1), eager[i].reshape(-1), dtype)
+
+
+def test_scalar_path_second_backward_raises():
+    h = torch.randn(5, 8, requires_grad=True)
+    loss = linear_logprobs(h, torch.randn(40, 8), torch.arange(5), reduction="mean")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction,entropy", [("mean", False), ("mean", True), ("sum", False)])
+def test_all_ignored_mean_is_zero_with_zero_gradients(monkeypatch, name, reduction, entropy):
+    """Chosen on purpose: an all-padding micro-batch gives 0 (F.cross_entropy gives NaN)."""
+    use_backend(monkeypatch, name, "cpu", op="linear_logprobs")
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    out = linear_logprobs(h, w, torch.full((6,), -100), reduction=reduction,
+                          return_entropy=entropy)
+    loss = out[0] + out[1] if entropy else out
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_out_of_range_label_nan_reaches_exactly_what_the_docstring_says(monkeypatch, name,
+                                                                         reduction):
+    """Its own logp and grad_hidden row are NaN, and (summing over tokens) every row of
+    grad_weight and grad_bias; other grad_hidden rows stay finite."""
+    use_backend(monkeypatch, name, "cpu", op="linear_logprobs")
+    hidden, weight, b, labels = make_inputs(9, 8, 130, torch.float32, "cpu", ignore_frac=0.0)
+    labels[4] = 130
+    h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+    logp = linear_logprobs(h, w, labels, bias=bb, reduction=reduction, chunk_size=3)
+    if reduction == "none":
+        assert logp[4].isnan() and logp[torch.arange(9) != 4].isfinite().all()
+        logp.nan_to_num().sum().backward()          # a finite upstream gradient for every row
+    else:
+        assert logp.isnan()
+        logp.backward()
+    others = torch.arange(9) != 4
+    assert h.grad[4].isnan().all() and h.grad[others].isfinite().all()
+    assert w.grad.isnan().any(dim=1).all() and bb.grad.isnan().all()
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of distinct storages that are still referenced from Python, sampled after
+    every aten op: catches O(blocks·N) lists of per-block results."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                key = t.untyped_storage().data_ptr()
+                self.live[key] = (weakref.ref(t), t.untyped_storage().nbytes())
+        self.live = {k: v for k, v in self.live.items() if v[0]() is not None}
+        self.peak = max(self.peak, sum(v[1] for v in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_memory_stays_bounded_for_the_smallest_chunk(monkeypatch, reduction):
+    """chunk_size=1 once kept one result per vocabulary block alive ([blocks, N] floats,
+    here 4 MiB); the bound O(C·V + N·H) must hold for every chunk size."""
+    use_backend(monkeypatch, "native", "cpu", op="linear_logprobs")
+    n, width, vocab = 1024, 8, 16384
+    hidden, weight, _, labels = make_inputs(n, width, vocab, torch.float32, "cpu", bias=False)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    mode = _LiveBytes()
+    with mode:
+        logp = linear_logprobs(hidden, weight, labels, chunk_size=1, reduction=reduction)
+        (logp.sum() if reduction == "none" else logp).backward()
+    inputs_and_grads = 2 * (n * width + vocab * width) * 4 + n * 8
+    bound = inputs_and_grads + 4 * vocab * 4 + 24 * n * 8      # a tile, O(N) vectors
+    assert mode.peak <= bound, f"peak live {mode.peak} bytes > bound {bound}"

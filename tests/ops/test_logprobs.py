@@ -259,3 +259,44 @@ def test_float64_cannot_be_forced_onto_a_kernel_backend(monkeypatch):
 def test_bad_input_raises_value_error_naming_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---- regression tests for defects found in review -------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_nan_logit_gives_nan_logp_entropy_and_gradient(monkeypatch, name, dtype, device):
+    """A NaN logit must poison its row on every backend, forward and backward alike (the
+    Triton forward once skipped it, because max and the comparisons ignore NaN)."""
+    use_backend(monkeypatch, name, device, dtype=dtype)
+    logits = torch.zeros(3, 16, device=device, dtype=dtype)
+    logits[0, 3] = float("nan")
+    logits[2, 0] = float("nan")            # NaN in the first column, the max elsewhere
+    logits[2, 5] = 4.0
+    logits.requires_grad_()
+    labels = torch.tensor([1, 2, 5], device=device)
+    logp, ent = token_logprobs(logits, labels, return_entropy=True)
+    assert logp[0].isnan() and ent[0].isnan() and logp[2].isnan() and ent[2].isnan()
+    assert logp[1].isfinite() and ent[1].isfinite()
+    (logp.nan_to_num() + ent.nan_to_num()).sum().backward()
+    assert logits.grad[[0, 2]].isnan().all()
+    assert logits.grad[1].isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_confident_token_keeps_its_fp32_gradient(monkeypatch, name, device):
+    """Label logit 20 over randn: p ≈ 1 at the label. g − g·p there cancels to 1e-3
+    relative error; −g·expm1(log p) keeps it at the float32 target on every backend."""
+    use_backend(monkeypatch, name, device)
+    logits = torch.randn(6, 4000, device=device)
+    labels = torch.randint(0, 4000, (6,), device=device)
+    logits[torch.arange(6), labels] = 20.0
+    g = torch.randn(6, device=device)
+    out = run(token_logprobs, logits, labels, g, None)
+    ref = run(token_logprobs_reference, logits.double(), labels, g.double(), None)
+    check("grad", out[2], ref[2], None, torch.float32)
+    at = out[2][torch.arange(6), labels].double()
+    ref_at = ref[2][torch.arange(6), labels]
+    assert ((at - ref_at).abs() / ref_at.abs()).max() < 1e-5
