@@ -1,4 +1,12 @@
-"""kernelrl's fused ops. Each dispatches per call to native, Triton or torch (kernelrl.backend)."""
+"""kernelrl's fused ops. Each dispatches per call to native, Triton or torch (kernelrl.backend).
+
+Shape legend, one for the whole package (each letter has one meaning everywhere):
+    B batch (sequences)      T time (tokens per sequence)    N tokens (B·T, flattened)
+    V vocabulary             H hidden width                  E experts
+    K top-k                  F expert FFN width              R LoRA rank
+Tiles of a chunked op are Nt token rows × Vt vocabulary columns. The softmax temperature
+is τ and the entropy is written ent, so that neither collides with T or H.
+"""
 
 from kernelrl.ops.logprobs import token_logprobs
 from kernelrl.ops.linear_logprobs import linear_logprobs

@@ -1,22 +1,23 @@
 """Log-probs from hidden states and the lm_head, without ever holding the N×V logits.
 
 Shapes (the package legend): N tokens (leading dims flattened), H hidden, V vocabulary.
-Tiles: R token rows × W vocabulary columns, R·W ≈ the tile budget L = chunk_size·V.
+Tiles: Nt token rows × Vt vocabulary columns, Nt·Vt ≈ the tile budget L = chunk_size·V.
+Entropy is written ent (never H, the hidden width).
 
     logits = hidden @ weight.T + bias                      [N, V], never materialised whole
     logp, entropy = token_logprobs(logits, labels, ...)    see kernelrl.ops.logprobs
 
 Two paths, chosen by what the caller asks for:
 
-Per-token path (reduction="none", or any entropy; exact for ANY upstream gradient g, g_H).
-The logits are cut into R×W tiles (W columns of at most 4096 by default, R rows so that
-R·W ≈ L). Forward and backward build every tile with the very same matmul, so the logits
+Per-token path (reduction="none", or any entropy; exact for ANY upstream gradient g, g_ent).
+The logits are cut into Nt×Vt tiles (Vt columns of at most 4096 by default, Nt rows so
+that Nt·Vt ≈ L). Forward and backward build every tile with the very same matmul, so the logits
 recomputed in backward are bitwise those the forward normalised. Forward: each tile is
-swept by the log-prob row kernel for its row max m_b, log-sum log s_b and entropy H_b, and
+swept by the log-prob row kernel for its row max m_b, log-sum log s_b and entropy ent_b, and
 merged at once into running per-row statistics (``_RowMerge``: max, log-sum relative to
 the block holding the max, entropy, and the label's logit), so nothing but O(N) vectors
 outlives a tile, whatever the chunk size. Backward: with the full-row stats and H,
-∂/∂logits_ij = (g_i(1[j=y_i] − p_ij) − g_Hi p_ij (log p_ij + H_i)) / T depends only on row
+∂/∂logits_ij = (g_i(1[j=y_i] − p_ij) − g_ent,i p_ij (log p_ij + ent_i)) / τ depends only on row
 i's scalars, so each tile is recomputed, turned into its gradient G in place by the row
 kernel, and used twice, vocabulary block by vocabulary block:
 
@@ -29,8 +30,8 @@ never holding an N×V tensor.
 
 Scalar path (reduction="sum" or "mean" without entropy, float32/float64 inputs). The
 upstream gradient of a sum is one scalar c, so the gradients are c times those of the
-plain sum, and can be computed exactly during the forward sweep, over R full-vocabulary
-rows at a time (R·V ≈ L): tile = hidden[r0:r1] @ weight.T, row kernel forward (stats),
+plain sum, and can be computed exactly during the forward sweep, over Nt full-vocabulary
+rows at a time (Nt·V ≈ L): tile = hidden[r0:r1] @ weight.T, row kernel forward (stats),
 row kernel backward with g = 1 in place, then grad_hidden[r0:r1] = G @ weight and
 grad_weight += G.T @ hidden[r0:r1]. Backward only scales the stored gradients by c, in
 place: 3 matmuls, no recompute. (16-bit inputs take the per-token path: accumulating
@@ -38,7 +39,7 @@ grad_weight over row chunks would need a float32 V×H buffer.) The stored gradie
 consumed by the first backward; a second one (``retain_graph=True``) raises.
 
 Peak extra memory (beyond inputs, outputs and N-sized vectors): one tile of L logits in
-the input dtype (+ ~3 float32 copies of it on the torch backend), a [W, H] float32 block
+the input dtype (+ ~3 float32 copies of it on the torch backend), a [Vt, H] float32 block
 accumulator and an N×H float32 accumulator for 16-bit inputs: O(L + N·H). The scalar
 path holds grad_weight and grad_hidden (float32/float64, the size of the outputs) from
 the forward to the backward. The default L is 2^26 logits on a GPU and 2^20 on a CPU
@@ -50,9 +51,9 @@ NaN row reaches grad_hidden's row i only, but every row of grad_weight and grad_
 (they sum over tokens). ``KERNELRL_DEBUG=1`` raises ValueError instead.
 
 The three algorithms, one reduction away:
-    SFT   loss = -linear_logprobs(h, W, y, reduction="mean")          mean token CE
-    DPO   seq_logp = linear_logprobs(h, W, y).view(B, T).sum(-1)       prompt labels = ignore
-    PPO   logp = linear_logprobs(h, W, y).view(B, T)                   per-token log-probs
+    SFT   loss = -linear_logprobs(h, w, y, reduction="mean")          mean token CE
+    DPO   seq_logp = linear_logprobs(h, w, y).view(B, T).sum(-1)       prompt labels = ignore
+    PPO   logp = linear_logprobs(h, w, y).view(B, T)                   per-token log-probs
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ def default_chunk_size(n_tokens: int, vocab: int, device: torch.device,
 
 
 def tile_shape(n_tokens: int, vocab: int, chunk: int) -> tuple[int, int]:
-    """(R rows, W columns) of the per-token path's tiles for a budget of chunk·V logits.
+    """(Nt rows, Vt columns) of the per-token path's tiles for a budget of chunk·V logits.
 
-    W is at most 4096 columns, or all of V; R = budget / W rows, at least 1, at most N.
+    Vt is at most 4096 columns, or all of V; Nt = budget / Vt rows, at least 1, at most N.
     A budget that covers all N rows at that width widens the blocks instead (to a
     multiple of 64 columns), so a GPU-sized budget gives one row block.
     """
@@ -165,16 +166,16 @@ def _tile_labels(labels, ignored, v0, width):
 class _RowMerge:
     """Running full-vocabulary row statistics, merged one tile at a time (all O(N)).
 
-    Per row, over the blocks b seen so far, with m = max_b m_b, a_b = log s_b + (m_b − m)/T
+    Per row, over the blocks b seen so far, with m = max_b m_b, a_b = log s_b + (m_b − m)/τ
     and "top" the block that holds the max:
         top   log s_top                     rest = Σ_{b≠top} e^{a_b}
         S     = e^{log s_top} + rest        log S = log1p(expm1(log s_top) + rest)
-        u     = Σ_b e^{a_b} (H_b − a_b + log s_top)
-        H     = u / S + log1p(rest / s_top)        (entropy of a mixture of disjoint supports)
-        lab   = (x_y − m_home) / T, with m_home the max of the block holding the label
-        logp  = lab + (m_home − m)/T − log S
+        u     = Σ_b e^{a_b} (ent_b − a_b + log s_top)
+        ent   = u / S + log1p(rest / s_top)        (entropy of a mixture of disjoint supports)
+        lab   = (x_y − m_home) / τ, with m_home the max of the block holding the label
+        logp  = lab + (m_home − m)/τ − log S
     Everything is relative to the top block, so one dominant block adds no rounding; when
-    the max moves to a new block, the old terms rescale by α = e^{(m_old − m)/T}.
+    the max moves to a new block, the old terms rescale by α = e^{(m_old − m)/τ}.
     """
 
     def __init__(self, n, acc, device, with_entropy):
@@ -187,7 +188,7 @@ class _RowMerge:
         self.with_entropy = with_entropy
 
     def add(self, r0, r1, stats, ent, x_label, has_label, inv_temperature):
-        """Merge one tile's rows r0:r1: stats [R, 2] = (m_b, log s_b), ent [R] (H_b),
+        """Merge one tile's rows r0:r1: stats [Nt, 2] = (m_b, log s_b), ent [Nt] (ent_b),
         x_label [R] the label's logit where ``has_label``."""
         m, log_s_top, rest = self.m[r0:r1], self.log_s_top[r0:r1], self.rest[r0:r1]
         m_b, log_s_b = stats[:, 0], stats[:, 1]
@@ -201,12 +202,11 @@ class _RowMerge:
         s_old = log_s_top.exp() + rest
         if self.with_entropy:
             u = self.u[r0:r1]
-            h_b = ent
             # grew: old terms rescale by alpha and change reference from log s_top to log s_b
             old = torch.where(alpha > 0, alpha * (u + s_old * (log_s_b - log_s_top - shift_old)),
                               0.0)
-            term_b = torch.where(e_b > 0, e_b * (h_b - a_b + log_s_top), 0.0)
-            u.copy_(torch.where(grew, old + log_s_b.exp() * h_b, u + term_b))
+            term_b = torch.where(e_b > 0, e_b * (ent - a_b + log_s_top), 0.0)
+            u.copy_(torch.where(grew, old + log_s_b.exp() * ent, u + term_b))
         rest.copy_(torch.where(grew, torch.where(alpha > 0, alpha * s_old, 0.0), rest + e_b))
         log_s_top.copy_(torch.where(grew, log_s_b, log_s_top))
         m.copy_(m_new)
@@ -237,7 +237,7 @@ class _RowMerge:
 class LinearLogprobsFunction(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] or None, labels [N] int64 -> (logp, entropy).
 
-    Forward and backward sweep the same R×W tiles with the same matmul, so the logits
+    Forward and backward sweep the same Nt×Vt tiles with the same matmul, so the logits
     recomputed in backward are bitwise those of the forward. First-order only.
     """
 
@@ -257,7 +257,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             inside = block_labels >= 0
             at = block_labels.clamp(min=0).unsqueeze(1)
             for r0, r1 in _spans(n, rows):
-                tile = _logits_tile(hidden, weight, bias, r0, r1, v0, v1, buf)     # [R, W]
+                tile = _logits_tile(hidden, weight, bias, r0, r1, v0, v1, buf)     # [Nt, Vt]
                 _, stats, ent = fwd(tile, block_labels[r0:r1], inv_temperature,
                                     _TILE_IGNORE, with_entropy)
                 x_label = tile.gather(1, at[r0:r1]).squeeze(1).to(acc)
@@ -300,7 +300,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         for v0, v1 in _spans(vocab if n else 0, width):
             w_blk = weight[v0:v1]
             for k, (r0, r1) in enumerate(row_spans):
-                tile = _logits_tile(hidden, weight, bias, r0, r1, v0, v1, buf)     # [R, W]
+                tile = _logits_tile(hidden, weight, bias, r0, r1, v0, v1, buf)     # [Nt, Vt]
                 bwd(tile, labels[r0:r1], stats[r0:r1], ent[r0:r1] if with_entropy else ent,
                     grad_logp[r0:r1], None if grad_ent is None else grad_ent[r0:r1], tile,
                     inv_temperature, ignore_index, vocab, v0)                    # in place
@@ -353,7 +353,7 @@ class LinearLogprobSumFunction(torch.autograd.Function):
                             else torch.float32, device=hidden.device)
         buf = torch.empty(rows * vocab if n else 0, dtype=hidden.dtype, device=hidden.device)
         for r0, r1 in _spans(n, rows):
-            tile = _logits_tile(hidden, weight, bias, r0, r1, 0, vocab, buf)       # [R, V]
+            tile = _logits_tile(hidden, weight, bias, r0, r1, 0, vocab, buf)       # [Nt, V]
             lab = labels[r0:r1]
             logp, stats, _ = kernels.fwd(tile, lab, inv_temperature, ignore_index, False)
             total += logp.sum()

@@ -1,15 +1,15 @@
-"""Fused log-prob gathering: log softmax(logits / T)[label], its entropy, and their gradients.
+"""Fused log-prob gathering: log softmax(logits / τ)[label], its entropy, and their gradients.
 
 Shapes: N tokens (all leading dims flattened), V vocabulary.
 
-Math, per token i with label y_i and temperature T (z = x / T):
+Math, per token i with label y_i and temperature τ (z = x / τ):
 
     lse_i  = log Σ_j exp(z_ij)
     logp_i = z_iy − lse_i                               (0 where y_i == ignore_index)
-    H_i    = −Σ_j p_ij log p_ij = lse_i − Σ_j p_ij z_ij  (p = softmax(z))
+    ent_i  = −Σ_j p_ij log p_ij = lse_i − Σ_j p_ij z_ij  (p = softmax(z))
 
-    ∂logp_i/∂x_ij = (1[j = y_i] − p_ij) / T
-    ∂H_i/∂x_ij    = −p_ij (log p_ij + H_i) / T
+    ∂logp_i/∂x_ij = (1[j = y_i] − p_ij) / τ
+    ∂ent_i/∂x_ij  = −p_ij (log p_ij + ent_i) / τ
 
 Every algorithm needs this number:
     SFT   loss = −logp[mask].mean()                       (token cross-entropy)
@@ -19,15 +19,15 @@ Every algorithm needs this number:
 Done naively (``log_softmax(logits.float())`` then ``gather``) it is the largest memory
 consumer of post-training: an N×V float32 copy of the logits, and the same again for its
 gradient. Here the forward is one pass over the vocabulary with an online log-sum-exp over
-the raw logits: running max m of x, s = Σ exp(d), t = Σ exp(d)·d with d = (x − m)/T
+the raw logits: running max m of x, s = Σ exp(d), t = Σ exp(d)·d with d = (x − m)/τ
 (s kept as s − 1 so that log s = log1p(s − 1) keeps its digits when one token dominates):
 
-    lse = m/T + log s,   logp = (x_y − m)/T − log s,   H = log s − t/s.
+    lse = m/τ + log s,   logp = (x_y − m)/τ − log s,   ent = log s − t/s.
 
 Every term is relative to the row max, so nothing cancels: with logits of ±1e4 an fp32
 ``z − lse`` would lose 1e-3 to rounding, while ``x − m`` is exact near the max. The
 forward keeps only the row stats (m, log s), 2·N floats, for backward, which writes
-g·(onehot − p) − g_H·p·(log p + H) straight into a gradient in the logits' dtype; it never
+g·(onehot − p) − g_ent·p·(log p + ent) straight into a gradient in the logits' dtype; it never
 builds a float32 copy of the logits.
 
 Bytes moved (b = bytes per logit): forward N·V·b read; backward N·V·b read + N·V·b written.
@@ -121,7 +121,7 @@ def _torch_fwd(logits, labels, inv_temperature, ignore_index, with_entropy):
         r = torch.where(at_max, 0.0, e).sum(1) + (at_max.sum(1) - 1)
         log_s[i:j] = torch.log1p(r)
         picked[i:j] = d.gather(1, safe[i:j]).squeeze(1)
-        if with_entropy:        # H = log s − t/s, t = Σ e^d·d (0 where e^d = 0)
+        if with_entropy:        # ent = log s − t/s, t = Σ e^d·d (0 where e^d = 0)
             t = torch.where(e > 0, e * d, 0.0).sum(1)
             ent[i:j] = log_s[i:j] - t / (1 + r)
     zero = torch.zeros_like(m)
@@ -141,7 +141,7 @@ def _torch_bwd(logits, labels, stats, ent, grad_logp, grad_ent, grad_out,
     target = labels - col_offset
     in_tile = (target >= 0) & (target < n_cols)
     at = target.clamp(0, n_cols - 1).unsqueeze(1)
-    # one multiply applies 1/T, and NaN to rows whose label is out of range
+    # one multiply applies 1/τ, and NaN to rows whose label is out of range
     scale = torch.where(invalid, float("nan"), inv_temperature).to(acc).unsqueeze(1)
     for i, j in _row_chunks(n, n_cols, logits.device):
         g = grad_logp[i:j].unsqueeze(1)
@@ -202,7 +202,7 @@ def _logprobs_fwd_kernel(
     n_cols = tl.where(ignored, 0, V)
 
     # -- loop: online log-sum-exp, fp32 accumulators. m = running max of x; with
-    #    d = (x - m)/T: r = Σ e^d - 1 (the max's own e^0 = 1 left out, so that log s =
+    #    d = (x - m)/τ: r = Σ e^d - 1 (the max's own e^0 = 1 left out, so that log s =
     #    log1p(r) keeps its digits when one token dominates) and t = Σ e^d·d. Rescaled
     #    when m grows; r = -1 is the empty sum.
     m = tl.zeros((), dtype=tl.float32) - float("inf")
@@ -278,7 +278,7 @@ def _logprobs_bwd_kernel(
     row_ptr = logits_ptr + row * stride_row
     out_ptr = grad_ptr + row * stride_grad_row
 
-    # -- loop: grad = (g·(onehot − p) − g_H·p·(log p + H)) / T, fp32 math
+    # -- loop: grad = (g·(onehot − p) − g_ent·p·(log p + ent)) / τ, fp32 math
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         idx = start + cols
