@@ -4,12 +4,13 @@
 // Shape legend: N rows (tokens), V vocabulary size, C columns in a backward tile.
 //
 // Forward: one thread block per row (grid-stride over rows). Each thread walks the row with
-// 16-byte loads (4 fp32 or 8 fp16/bf16 logits; a few scalar loads peel the row to 16-byte
-// alignment and finish its ragged end), keeping an online state (m, b, c, t) in fp32 relative
-// to the running max m of the raw logits: per 16-byte group it takes the group max, rescales
-// once if the max grew, then adds e^d (or counts the entry at the max) and e^d d, with
-// d = (x - m) / T. States merge with the operator of logprobs.h through warp shuffles, then
-// through shared memory across warps; thread 0 writes logp, stats = (m, log s) and entropy.
+// 16-byte loads (common/vec.cuh: 4 fp32 or 8 fp16/bf16 logits, kUnroll in flight; a few scalar
+// loads peel the row to 16-byte alignment and finish its ragged end), keeping an online state
+// (m, b, c, t) in fp32 relative to the running max m of the raw logits: per 16-byte group it
+// takes the group max, rescales once if the max grew, then adds e^d (or counts the entry at the
+// max) and e^d d, with d = (x - m) / T. States merge with the operator of logprobs.h through
+// warp shuffles, then through shared memory across warps; thread 0 writes logp,
+// stats = (m, log s) and entropy.
 // Bytes: N*V*sizeof(T) read once, 4N floats written.
 //
 // Backward: one thread block per row of the tile, the same 16-byte vectorized walk, one exp per
@@ -23,15 +24,15 @@
 // explicitly; log1pf and IEEE arithmetic elsewhere keep NaN and inf semantics. (The CPU twin's
 // exp flushes results below 2.7e-38 to 0; the GPU may return subnormals there. Both are ~0 next
 // to s >= 1.)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
-#include <climits>
 #include <cstdint>
 
+#include "common/cuda_dtype.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/dispatch.h"
+#include "common/vec.cuh"
 #include "logprobs/logprobs.h"
 
 namespace kernelrl {
@@ -39,54 +40,6 @@ namespace {
 
 constexpr int kThreads = 256;  // threads per block (8 warps)
 constexpr int kUnroll = 4;     // 16-byte loads in flight per thread
-
-// ---- element conversions (fp32 arithmetic: upcast on load, downcast on store) ------------------
-
-template <class T> __device__ __forceinline__ float to_f32(T x);
-template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <class T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// 16 bytes of T.
-template <class T>
-struct alignas(16) Vec16 {
-  static constexpr int kN = 16 / sizeof(T);
-  T e[kN];
-};
-
-template <class T>
-__device__ __forceinline__ Vec16<T> load16(const T* p) {  // p 16-byte aligned; streaming read
-  const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
-  Vec16<T> v;
-  memcpy(&v, &u, 16);
-  return v;
-}
-
-template <class T>
-__device__ __forceinline__ void store16(T* p, const Vec16<T>& v) {  // p 16-byte aligned
-  uint4 u;
-  memcpy(&u, &v, 16);
-  __stcs(reinterpret_cast<uint4*>(p), u);
-}
-
-// Elements before the first 16-byte boundary of p, at most n.
-template <class T>
-__device__ __forceinline__ int64_t align_head(const T* p, int64_t n) {
-  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) & 15u) / sizeof(T));
-  const int64_t head = mis == 0 ? 0 : Vec16<T>::kN - mis;
-  return head < n ? head : n;
-}
 
 // d = (x - m) * inv_t, rounded on its own (never fused into a later add), so that forward and
 // backward see the same d (e.g. a one-column row gives logp = 0 and a zero gradient exactly).
@@ -232,26 +185,12 @@ __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(
       const float v = to_f32(x[j]);
       state_add(st, &v, 1, inv_t);
     }
-    int64_t v = tid;
-    for (; v + (kUnroll - 1) * kThreads < n_vec; v += kUnroll * kThreads) {
-      Vec16<T> r[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) r[u] = load16(xv + (v + u * kThreads) * kN);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        float f[kN];
-#pragma unroll
-        for (int k = 0; k < kN; ++k) f[k] = to_f32(r[u].e[k]);
-        state_add(st, f, kN, inv_t);
-      }
-    }
-    for (; v < n_vec; v += kThreads) {
-      const Vec16<T> r = load16(xv + v * kN);
+    for_each_vec16<kUnroll, kThreads>(xv, tid, n_vec, [&st, inv_t](int64_t, const Vec16<T>& r) {
       float f[kN];
 #pragma unroll
       for (int k = 0; k < kN; ++k) f[k] = to_f32(r.e[k]);
       state_add(st, f, kN, inv_t);
-    }
+    });
 
     // Stage 4: merge across the block; thread 0 stores. log s = log1p(s - 1), s - 1 = b + c - 1.
     st = state_block_reduce(st, smem, inv_t);
@@ -389,58 +328,10 @@ __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(
     // Stage 4: vector body, kUnroll 16-byte loads in flight, then the masked remainder.
     const T* xv = x + head;
     T* gv = gx + head;
-    int64_t v = tid;
-    for (; v + (kUnroll - 1) * kThreads < n_vec; v += kUnroll * kThreads) {
-      Vec16<T> r[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) r[u] = load16(xv + (v + u * kThreads) * kN);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int k_label = label_lane<kN>(y_local - (head + (v + u * kThreads) * kN));
-        store16(gv + (v + u * kThreads) * kN,
-                bwd_group<T, HAS_ENTROPY>(r[u], k_label, m, log_s, g, ge, h, inv_t));
-      }
-    }
-    for (; v < n_vec; v += kThreads) {
-      const Vec16<T> r = load16(xv + v * kN);
+    for_each_vec16<kUnroll, kThreads>(xv, tid, n_vec, [&](int64_t v, const Vec16<T>& r) {
       const int k_label = label_lane<kN>(y_local - (head + v * kN));
       store16(gv + v * kN, bwd_group<T, HAS_ENTROPY>(r, k_label, m, log_s, g, ge, h, inv_t));
-    }
-  }
-}
-
-// ---- launchers -------------------------------------------------------------------------------
-
-unsigned grid_for_rows(int64_t n_rows) {
-  return static_cast<unsigned>(n_rows < INT_MAX ? n_rows : INT_MAX);
-}
-
-template <class T>
-void launch_fwd(const void* logits, const int64_t* labels, float* logp, float* stats,
-                float* entropy, int64_t n_rows, int64_t n_cols, int64_t stride_row,
-                float inv_t, int64_t ignore_index, cudaStream_t stream) {
-  logprobs_fwd_kernel<T><<<grid_for_rows(n_rows), kThreads, 0, stream>>>(
-      static_cast<const T*>(logits), labels, logp, stats, entropy, n_rows, n_cols, stride_row,
-      inv_t, ignore_index);
-}
-
-template <class T>
-void launch_bwd(const void* logits, const int64_t* labels, const float* stats,
-                const float* entropy, const float* grad_logp, const float* grad_entropy,
-                void* grad_logits, int64_t n_rows, int64_t n_cols, int64_t vocab_size,
-                int64_t col_offset, int64_t stride_row, int64_t stride_grad_row, float inv_t,
-                int64_t ignore_index, cudaStream_t stream) {
-  const dim3 grid(grid_for_rows(n_rows));
-  if (grad_entropy != nullptr) {
-    logprobs_bwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(logits), labels, stats, entropy, grad_logp, grad_entropy,
-        static_cast<T*>(grad_logits), n_rows, n_cols, vocab_size, col_offset, stride_row,
-        stride_grad_row, inv_t, ignore_index);
-  } else {
-    logprobs_bwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(logits), labels, stats, nullptr, grad_logp, nullptr,
-        static_cast<T*>(grad_logits), n_rows, n_cols, vocab_size, col_offset, stride_row,
-        stride_grad_row, inv_t, ignore_index);
+    });
   }
 }
 
@@ -452,24 +343,18 @@ void logprobs_fwd_cuda(const void* logits, const int64_t* labels, float* logp, f
   const char* fn = "logprobs_fwd_cuda";
   detail::check_fwd_args(fn, logits, labels, logp, stats, n_rows, n_cols, stride_row);
   if (n_rows == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      launch_fwd<float>(logits, labels, logp, stats, entropy, n_rows, n_cols, stride_row,
-                        inv_temperature, ignore_index, s);
-      break;
-    case DType::kFloat16:
-      launch_fwd<__half>(logits, labels, logp, stats, entropy, n_rows, n_cols, stride_row,
-                         inv_temperature, ignore_index, s);
-      break;
-    case DType::kBFloat16:
-      launch_fwd<__nv_bfloat16>(logits, labels, logp, stats, entropy, n_rows, n_cols, stride_row,
-                                inv_temperature, ignore_index, s);
-      break;
-  }
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    logprobs_fwd_kernel<T><<<grid_for_rows(n_rows), kThreads, 0,
+                             static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), labels, logp, stats, entropy, n_rows, n_cols, stride_row,
+        inv_temperature, ignore_index);
+  });
   cuda_check_launch(fn);
 }
 
+// Without grad_entropy the kernel instance has no entropy term and reads neither entropy nor
+// grad_entropy.
 void logprobs_bwd_cuda(const void* logits, const int64_t* labels, const float* stats,
                        const float* entropy, const float* grad_logp, const float* grad_entropy,
                        void* grad_logits, int64_t n_rows, int64_t n_cols, int64_t vocab_size,
@@ -479,24 +364,16 @@ void logprobs_bwd_cuda(const void* logits, const int64_t* labels, const float* s
   detail::check_bwd_args(fn, logits, labels, stats, entropy, grad_logp, grad_entropy, grad_logits,
                          n_rows, n_cols, vocab_size, col_offset, stride_row, stride_grad_row);
   if (n_rows == 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      launch_bwd<float>(logits, labels, stats, entropy, grad_logp, grad_entropy, grad_logits,
-                        n_rows, n_cols, vocab_size, col_offset, stride_row, stride_grad_row,
-                        inv_temperature, ignore_index, s);
-      break;
-    case DType::kFloat16:
-      launch_bwd<__half>(logits, labels, stats, entropy, grad_logp, grad_entropy, grad_logits,
-                         n_rows, n_cols, vocab_size, col_offset, stride_row, stride_grad_row,
-                         inv_temperature, ignore_index, s);
-      break;
-    case DType::kBFloat16:
-      launch_bwd<__nv_bfloat16>(logits, labels, stats, entropy, grad_logp, grad_entropy,
-                                grad_logits, n_rows, n_cols, vocab_size, col_offset, stride_row,
-                                stride_grad_row, inv_temperature, ignore_index, s);
-      break;
-  }
+  dispatch_dtype<CudaTypes>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_bool(grad_entropy != nullptr, [&](auto has_entropy) {
+      logprobs_bwd_kernel<T, decltype(has_entropy)::value>
+          <<<grid_for_rows(n_rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+              static_cast<const T*>(logits), labels, stats, entropy, grad_logp, grad_entropy,
+              static_cast<T*>(grad_logits), n_rows, n_cols, vocab_size, col_offset, stride_row,
+              stride_grad_row, inv_temperature, ignore_index);
+    });
+  });
   cuda_check_launch(fn);
 }
 

@@ -1,9 +1,9 @@
 // logprobs_cpu.cpp: the CPU twin of logprobs.cu (math in logprobs.h).
 //
 // Same algorithm as the CUDA kernel: one pass per row with an online state (m, b, c, t) relative
-// to the running max m of the raw logits. Rows run in parallel (OpenMP); inside a row, W fp32
-// lanes (4 or 8) accumulate b, c and t. The row is walked in chunks of kChunk elements that stay
-// in L1:
+// to the running max m of the raw logits. Rows run in parallel (OpenMP, common/row_loop.h);
+// inside a row, W fp32 lanes (4 or 8) accumulate b, c and t. The row is walked in chunks of
+// kChunk elements that stay in L1:
 //   stage 1: load and upcast the chunk into a buffer, and take its max;
 //   stage 2: if the max grew, rescale the state once (the merge operator with an empty chunk);
 //   stage 3: accumulate e = exp((x - m) / T) into b (or count it in c at the max) and e d into t.
@@ -19,7 +19,9 @@
 #include <limits>
 
 #include "common/cpu_features.h"
+#include "common/dispatch.h"
 #include "common/dtype.h"
+#include "common/row_loop.h"
 #include "common/simd.h"
 #include "logprobs/logprobs.h"
 
@@ -27,7 +29,6 @@ namespace kernelrl {
 namespace {
 
 constexpr int64_t kChunk = 512;                       // elements per chunk: 2 KB of fp32 in L1
-constexpr int64_t kParallelMinElements = 1 << 15;     // below this, one thread
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -233,7 +234,7 @@ KR_INLINE void bwd_row(const BwdArgs& a, int64_t i) {
   }
 }
 
-// ---- ISA variants and the row loop --------------------------------------------------------------
+// ---- ISA variants -------------------------------------------------------------------------------
 
 // generic: 4 lanes (16-byte vectors: SSE2 / NEON); avx2: 8 lanes with FMA.
 template <class T> void fwd_rows_generic(const FwdArgs& a, int64_t i) { fwd_row<T, 4>(a, i); }
@@ -247,29 +248,13 @@ template <class T, bool E> __attribute__((target("avx2,fma")))
 void bwd_rows_avx2(const BwdArgs& a, int64_t i) { bwd_row<T, 8, E>(a, i); }
 #endif
 
-// Runs row_fn over rows [0, n_rows) on the OpenMP team. Rows are independent, so the result
-// does not depend on the thread count or the schedule.
-template <class Args>
-void for_each_row(void (*row_fn)(const Args&, int64_t), const Args& a, int64_t n_rows,
-                  int64_t n_cols) {
-#ifdef _OPENMP
-  const bool parallel = n_rows > 1 && n_rows * n_cols >= kParallelMinElements;
-  const int n_threads = parallel ? cpu_num_threads() : 1;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(n_threads) if (n_threads > 1)
-  for (int64_t i = 0; i < n_rows; ++i) row_fn(a, i);
-#else
-  (void)n_cols;
-  for (int64_t i = 0; i < n_rows; ++i) row_fn(a, i);
-#endif
-}
-
 template <class T>
 void fwd_dispatch(const FwdArgs& a, int64_t n_rows) {
   auto fn = &fwd_rows_generic<T>;
 #ifdef KERNELRL_HAS_AVX2_VARIANT
   if (cpu_isa() == CpuIsa::kAvx2) fn = &fwd_rows_avx2<T>;
 #endif
-  for_each_row(fn, a, n_rows, a.n_cols);
+  for_each_row(n_rows, a.n_cols, [&](int64_t i) { fn(a, i); });
 }
 
 template <class T, bool HAS_ENTROPY>
@@ -278,16 +263,7 @@ void bwd_dispatch(const BwdArgs& a, int64_t n_rows) {
 #ifdef KERNELRL_HAS_AVX2_VARIANT
   if (cpu_isa() == CpuIsa::kAvx2) fn = &bwd_rows_avx2<T, HAS_ENTROPY>;
 #endif
-  for_each_row(fn, a, n_rows, a.n_cols);
-}
-
-template <class T>
-void bwd_dispatch(const BwdArgs& a, int64_t n_rows) {
-  if (a.grad_entropy != nullptr) {
-    bwd_dispatch<T, true>(a, n_rows);
-  } else {
-    bwd_dispatch<T, false>(a, n_rows);
-  }
+  for_each_row(n_rows, a.n_cols, [&](int64_t i) { fn(a, i); });
 }
 
 }  // namespace
@@ -302,11 +278,7 @@ void logprobs_fwd_cpu(const void* logits, const int64_t* labels, float* logp, fl
   if (n_rows == 0) return;
   const FwdArgs a{logits, labels, logp, stats, entropy, n_cols, stride_row, inv_temperature,
                   ignore_index};
-  switch (dtype) {
-    case DType::kFloat32: return fwd_dispatch<float>(a, n_rows);
-    case DType::kFloat16: return fwd_dispatch<half_t>(a, n_rows);
-    case DType::kBFloat16: return fwd_dispatch<bfloat16_t>(a, n_rows);
-  }
+  dispatch_dtype(dtype, [&](auto tag) { fwd_dispatch<typename decltype(tag)::type>(a, n_rows); });
 }
 
 void logprobs_bwd_cpu(const void* logits, const int64_t* labels, const float* stats,
@@ -321,11 +293,11 @@ void logprobs_bwd_cpu(const void* logits, const int64_t* labels, const float* st
   const BwdArgs a{logits, labels, stats, entropy, grad_logp, grad_entropy, grad_logits, n_cols,
                   vocab_size, col_offset, stride_row, stride_grad_row, inv_temperature,
                   ignore_index};
-  switch (dtype) {
-    case DType::kFloat32: return bwd_dispatch<float>(a, n_rows);
-    case DType::kFloat16: return bwd_dispatch<half_t>(a, n_rows);
-    case DType::kBFloat16: return bwd_dispatch<bfloat16_t>(a, n_rows);
-  }
+  dispatch_dtype(dtype, [&](auto tag) {
+    dispatch_bool(a.grad_entropy != nullptr, [&](auto has_entropy) {
+      bwd_dispatch<typename decltype(tag)::type, decltype(has_entropy)::value>(a, n_rows);
+    });
+  });
 }
 
 }  // namespace kernelrl
