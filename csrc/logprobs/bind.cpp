@@ -16,18 +16,18 @@ logits / grad_logits are [N, stride] in dtype; labels are int64 [N]; logp, entro
 grad_entropy are float32 contiguous [N]; stats is float32 contiguous [N, 2]. A pointer of 0 means
 "absent" for entropy (forward: not computed) and grad_entropy (backward: no entropy term).
 
-Per row i with label y, logits x_j (j in [0, V)), T = 1 / inv_temperature, all relative to the
-row max m = max_j x_j, d_j = (x_j - m) / T (one online pass):
+Per row i with label y, logits x_j (j in [0, V)), tau = 1 / inv_temperature, all relative to the
+row max m = max_j x_j, d_j = (x_j - m) / tau (one online pass):
   log s = log1p(sum_j e^{d_j} - 1)      (the max's own e^0 = 1 kept out of the sum)
-  logp  = (x_y - m) / T - log s         (= log softmax(x / T)[y]; NaN if y is outside [0, V))
-  H     = log s - sum_j e^{d_j} d_j / s (entropy of softmax(x / T))
-  stats = (m, log s)                    (lse = m / T + log s)
+  logp  = (x_y - m) / tau - log s         (= log softmax(x / tau)[y]; NaN if y is outside [0, V))
+  ent = log s - sum_j e^{d_j} d_j / s (entropy of softmax(x / tau))
+  stats = (m, log s)                    (lse = m / tau + log s)
   rows with y == ignore_index: logp = entropy = 0, stats = (0, 0).
 Backward over a tile of n_cols columns holding vocab ids col_offset .. col_offset + n_cols - 1:
-  log p_j = (x_j - m) / T - log s
+  log p_j = (x_j - m) / tau - log s
   grad_x_j = inv_temperature * (g_i (1[y == col_offset + j] - p_j)
-                                - ge_i (p_j > 0 ? p_j (log p_j + H_i) : 0))
-  with g = grad_logp, ge = grad_entropy, H = entropy; ignored rows get 0, out-of-range labels NaN.
+                                - ge_i (p_j > 0 ? p_j (log p_j + ent_i) : 0))
+  with g = grad_logp, ge = grad_entropy, ent = entropy; ignored rows get 0, out-of-range labels NaN.
   grad_logits may alias logits (same pointer and row stride).
 All arithmetic is fp32.
 )doc";

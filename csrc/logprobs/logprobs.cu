@@ -1,14 +1,14 @@
 // logprobs.cu: fused token log-probabilities (and entropy) on CUDA. Math in logprobs.h; the CPU
 // twin is logprobs_cpu.cpp and follows the same algorithm.
 //
-// Shape legend: N rows (tokens), V vocabulary size, C columns in a backward tile.
+// Shape legend: N rows (tokens), V vocabulary size, Vt columns in a backward tile.
 //
 // Forward: one thread block per row (grid-stride over rows). Each thread walks the row with
 // 16-byte loads (common/vec.cuh: 4 fp32 or 8 fp16/bf16 logits, kUnroll in flight; a few scalar
 // loads peel the row to 16-byte alignment and finish its ragged end), keeping an online state
 // (m, b, c, t) in fp32 relative to the running max m of the raw logits: per 16-byte group it
 // takes the group max, rescales once if the max grew, then adds e^d (or counts the entry at the
-// max) and e^d d, with d = (x - m) / T. States merge with the operator of logprobs.h through
+// max) and e^d d, with d = (x - m) / tau. States merge with the operator of logprobs.h through
 // warp shuffles, then through shared memory across warps; thread 0 writes logp,
 // stats = (m, log s) and entropy.
 // Bytes: N*V*sizeof(T) read once, 4N floats written.
@@ -49,7 +49,7 @@ __device__ __forceinline__ float scaled_diff(float x, float m, float inv_t) {
 
 // ---- online state ----------------------------------------------------------------------------
 
-// Relative to the running max m of the raw logits, with d = (x - m) / T:
+// Relative to the running max m of the raw logits, with d = (x - m) / tau:
 // b = sum of e^d over entries below m, c = count of entries equal to m (each adds e^0 = 1),
 // t = sum e^d d. Empty: (-inf, 0, 0, 0). A NaN logit makes b NaN (also while m is -inf).
 struct RowState {

@@ -1,18 +1,18 @@
 // logprobs.h: fused token log-probabilities (and entropy) from logits, forward and backward.
 //
-// Shape legend: N rows (tokens), V vocabulary size, C columns in a backward tile (C <= V).
+// Shape legend: N rows (tokens), V vocabulary size, Vt columns in a backward tile (Vt <= V).
 //
-// Forward, per row i with label y = labels[i], logits x_j (j in [0, V)) and 1/T = inv_temperature.
+// Forward, per row i with label y = labels[i], logits x_j (j in [0, V)) and 1/tau = inv_temperature.
 // Everything is relative to the row max m = max_j x_j of the raw logits, so nothing cancels:
-//   d_j  = (x_j - m) / T                 (<= 0; exactly 0 at the max)
+//   d_j  = (x_j - m) / tau                 (<= 0; exactly 0 at the max)
 //   s    = sum_j e^{d_j}                 kept as b = sum_{x_j < m} e^{d_j} and c = #{x_j = m}
 //   log s = log1p(b + (c - 1))           (keeps its digits when one token dominates)
 //   t    = sum_j e^{d_j} d_j
-//   logp = (x_y - m) / T - log s         (= z_y - lse with z = x / T, lse = m / T + log s)
-//   H    = log s - t / s                 (entropy of softmax(z))
-//   stats = (m, log s)                   2 floats per row, all the backward needs besides H
+//   logp = (x_y - m) / tau - log s         (= z_y - lse with z = x / tau, lse = m / tau + log s)
+//   ent = log s - t / s                 (entropy of softmax(z))
+//   stats = (m, log s)                   2 floats per row, all the backward needs besides ent
 // One pass, online: partial states (m, b, c, t) merge as m' = max(m1, m2), and for each side k
-// with shift_k = (m_k - m') / T, alpha_k = e^{shift_k}:
+// with shift_k = (m_k - m') / tau, alpha_k = e^{shift_k}:
 //   at the new max (m_k = m'):  b += b_k, c += c_k, t += t_k
 //   below it       (m_k < m'):  b += alpha_k (b_k + c_k), t += alpha_k (t_k + shift_k (b_k + c_k))
 // x_j = -inf (masked vocab) adds 0 to b and t (not NaN); an all -inf row gives m = -inf,
@@ -20,20 +20,20 @@
 //   y == ignore_index          -> logp = entropy = 0, stats = (0, 0), and the row is not read;
 //   y outside [0, V) otherwise -> logp = NaN (stats and entropy are still computed).
 //
-// Backward, for a tile of C columns holding vocab ids col_offset .. col_offset + C - 1 of a
+// Backward, for a tile of Vt columns holding vocab ids col_offset .. col_offset + Vt - 1 of a
 // vocabulary of vocab_size (stats and entropy are the forward's, for the full row):
-//   log p_j  = (x_j - m) / T - log s,  p_j = e^{log p_j}
-//   grad_z_j = g_i (1[y == col_offset + j] - p_j) - ge_i (p_j > 0 ? p_j (log p_j + H_i) : 0)
+//   log p_j  = (x_j - m) / tau - log s,  p_j = e^{log p_j}
+//   grad_z_j = g_i (1[y == col_offset + j] - p_j) - ge_i (p_j > 0 ? p_j (log p_j + ent_i) : 0)
 //   grad_x_j = inv_temperature * grad_z_j, stored in the logits dtype
 // (at the label, 1 - p is computed as -expm1(log p): no cancellation for confident tokens)
-// with g = grad_logp, ge = grad_entropy (no such term when grad_entropy is null), H = entropy.
+// with g = grad_logp, ge = grad_entropy (no such term when grad_entropy is null), ent = entropy.
 //   y == ignore_index                     -> the row's gradient is 0;
 //   y outside [0, vocab_size) otherwise   -> the row's gradient is NaN.
 // grad_logits MAY ALIAS logits (the same pointer and the same row stride, for an in-place
 // backward): each element is read before it is written, by the same thread. Any other overlap
 // is undefined.
 //
-// All arithmetic is fp32: loads upcast, stores downcast (round to nearest even). (x - m) / T is
+// All arithmetic is fp32: loads upcast, stores downcast (round to nearest even). (x - m) / tau is
 // rounded the same way in the forward and the backward, so e.g. a one-column row gives logp = 0
 // and a zero gradient exactly.
 // Arguments: pointers, then sizes, then strides, then meta (dtype, temperature, ignore_index).

@@ -6,13 +6,13 @@
 // kChunk elements that stay in L1:
 //   stage 1: load and upcast the chunk into a buffer, and take its max;
 //   stage 2: if the max grew, rescale the state once (the merge operator with an empty chunk);
-//   stage 3: accumulate e = exp((x - m) / T) into b (or count it in c at the max) and e d into t.
+//   stage 3: accumulate e = exp((x - m) / tau) into b (or count it in c at the max) and e d into t.
 // So the online rescale costs one exp per chunk instead of one per element.
 //
 // One kernel body per direction, templated on the element type (float, half_t, bfloat16_t) and
 // the lane count, compiled twice: 4 lanes in plain functions (baseline x86-64 / any CPU) and 8
 // lanes inside target("avx2,fma") wrappers; cpu_isa() picks one at run time. Bytes moved:
-// forward reads N*V elements once and writes 4N floats; backward reads and writes N*C elements.
+// forward reads N*V elements once and writes 4N floats; backward reads and writes N*Vt elements.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -80,7 +80,7 @@ KR_INLINE void fwd_row(const FwdArgs& a, int64_t i) {
   const float inv_t = a.inv_t;
 
   // Online state, fp32: m (max raw logit) per row; per lane, b = sum of e^d over entries below
-  // m, c = count of entries equal to m, t = sum e^d d, with d = (x - m) / T. x_y: the label's
+  // m, c = count of entries equal to m, t = sum e^d d, with d = (x - m) / tau. x_y: the label's
   // logit (NaN until seen, so an out-of-range label gives NaN).
   float m = -kInf;
   float x_y = kNaN;
@@ -108,7 +108,7 @@ KR_INLINE void fwd_row(const FwdArgs& a, int64_t i) {
     if (y >= c0 && y < c0 + n) x_y = buf[(y - c0) / W][(y - c0) % W];
 
     // Stage 2: a larger max rescales the state (the merge with an empty chunk): with
-    // shift = (m - m') / T and alpha = e^shift, the old max entries fall below the new max:
+    // shift = (m - m') / tau and alpha = e^shift, the old max entries fall below the new max:
     //   t' = alpha (t + shift (b + c)),  b' = alpha (b + c),  c' = 0.
     const float cm = simd::hmax<W>(cmax);
     if (cm > m) {
@@ -176,7 +176,7 @@ template <int W, bool HAS_ENTROPY>
 KR_INLINE simd::F<W> bwd_group(simd::F<W> xv, int k_label, float m, float log_s, float g,
                                float ge, float h, float inv_t) {
   using F = simd::F<W>;
-  // log p = (x - m) / T - log s, with (x - m) / T rounded exactly as in the forward
+  // log p = (x - m) / tau - log s, with (x - m) / tau rounded exactly as in the forward
   const F logq = simd::rounded<W>((xv - m) * inv_t) - log_s;
   const F p = simd::exp<W>(logq);
   F gz = p * -g;
