@@ -10,5 +10,7 @@ is τ and the entropy is written ent, so that neither collides with T or H.
 
 from kernelrl.ops.logprobs import token_logprobs
 from kernelrl.ops.linear_logprobs import linear_logprobs
+from kernelrl.ops.group_advantages import group_advantages
+from kernelrl.ops.preference import dpo_loss, reward_loss
 
-__all__ = ["token_logprobs", "linear_logprobs"]
+__all__ = ["token_logprobs", "linear_logprobs", "group_advantages", "dpo_loss", "reward_loss"]
