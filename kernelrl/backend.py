@@ -2,32 +2,59 @@
 
 Every public op has a torch reference and may have a Triton and a native (C++ CPU /
 CUDA, ``kernelrl._native``) implementation. The implementation is chosen per call, from
-the device of the op's tensors:
+the device and dtype of the op's tensors, in this order (the first that applies wins):
 
-    tensors on   order tried
-    ----------   ---------------------------------------------------------
-    cuda         native (CUDA, where the op has it), triton, torch
-    cpu          native (the C++ twin, where the op has it), torch
-    other        torch
+1. Forced. ``with backend.force(name):`` (this thread), else ``KERNELRL_BACKEND=native|
+   triton|torch``. A forced backend that cannot run raises :class:`BackendError` saying
+   why; it never falls back silently. With ``TRITON_INTERPRET=1`` a forced ``triton``
+   runs on CPU tensors (the tests use this).
+2. Tuned on this machine. ``kernelrl tune`` checks every implementation against a
+   float64 run, times those that pass, and writes the fastest per (op, device model,
+   dtype) to ``tuned-<kernelrl version>.json`` in the cache folder:
+   ``$KERNELRL_CACHE_DIR``, else ``$XDG_CACHE_HOME/kernelrl``, else ``~/.cache/kernelrl``.
+   The file is read once per process (after :func:`reload_tuned`, again). An entry is
+   used when its choice can run here; the backends it rejected are never picked by the
+   steps below either.
+3. Built-in table. ``kernelrl._dispatch_table.TABLE``, shipped with the package, holds
+   entries of the same form keyed by GPU model name (``torch.cuda.get_device_name``). It
+   is seeded from a ``kernelrl tune --device cuda --out FILE`` run on that GPU with
+   ``kernelrl tune --seed-builtin FILE`` (see :mod:`kernelrl.tune`).
+4. Default order, with skip rules:
 
-Rules:
-- ``KERNELRL_BACKEND=native|triton|torch`` forces one choice. A forced backend that
-  cannot run raises :class:`BackendError` saying why; it never falls back silently.
-- With ``TRITON_INTERPRET=1`` a forced ``triton`` runs on CPU tensors (the tests use this).
-- An implementation that its benchmark shows slower than the next one in the table is
-  skipped by default for that device; the reason is recorded with the op
-  (:func:`register_op`) and shown by :func:`info` and ``kernelrl info``.
-- Nothing here runs at import: the native module is loaded, and its failure recorded,
-  on first use.
+       tensors on   order tried
+       ----------   ---------------------------------------------------------
+       cuda         native (CUDA, where the op has it), triton, torch
+       cpu          native (the C++ twin, where the op has it), torch
+       other        torch
+
+   An implementation that its benchmark shows slower than the next one in the table is
+   skipped by default for that device; the reason is recorded with the op
+   (:func:`register_op`) and shown by ``kernelrl info``.
+
+A backend is "available" when the op has it for that dtype and it can run on the device
+(:func:`availability`). The native module is not built when the package was installed
+with ``KERNELRL_BUILD_NATIVE=0`` (recorded in ``kernelrl._build_config``); it is then
+never imported, even if a stale build lies beside the sources.
+
+Nothing here runs at import: the native module, the tuned file and the device names are
+loaded on first use. This module imports no other part of kernelrl at import time (only
+the leaf modules ``_version``, ``_build_config``, ``_dispatch_table`` and ``_native``,
+when first needed), so every op module can import it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import json
 import os
 import platform
+import tempfile
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -39,36 +66,73 @@ class BackendError(RuntimeError):
     """A backend was forced (or called) that cannot run here; the message says why."""
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the key used in the tuned and built-in tables)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op: the dtypes it accepts and its callables.
+
+    ``kernels`` is whatever the op's own code calls for this backend (for the log-prob
+    family a :class:`kernelrl.ops.logprobs.RowKernels`); the dispatcher never looks inside.
+    The torch implementation accepts every floating dtype it lists.
+    """
+
+    dtypes: tuple[torch.dtype, ...]
+    kernels: Any = None
+
+
 @dataclass(frozen=True)
 class OpSpec:
-    """What implementations an op has, the dtypes each accepts, and default-path skips.
+    """An op's implementations, default-path skips and (for ``kernelrl tune``) examples.
 
-    dtypes:  backend -> dtypes that implementation accepts (torch accepts all floating).
-    skip:    (backend, device_type) -> why dispatch passes it over unless forced.
+    impls:    backend -> :class:`Implementation` (dtypes and callables, declared together).
+    skip:     (backend, device_type) -> why dispatch passes it over unless forced or tuned.
+    examples: ``examples(device, dtype) -> [(label, args, kwargs), ...]``: a few
+              representative inputs for the public op ``fn`` (tensors that should get
+              gradients have requires_grad set); ``kernelrl tune`` checks and times them.
+    fn:       the public op, called by ``kernelrl tune`` with each example.
     """
 
     name: str
-    dtypes: dict[str, tuple[torch.dtype, ...]]
+    impls: dict[str, Implementation]
     skip: dict[tuple[str, str], str] = field(default_factory=dict)
+    examples: Callable | None = None
+    fn: Callable | None = None
+
+    @property
+    def dtypes(self) -> dict[str, tuple[torch.dtype, ...]]:
+        return {backend: impl.dtypes for backend, impl in self.impls.items()}
+
+    def kernels(self, backend: str):
+        """The callables ``backend`` registered for this op."""
+        return self.impls[backend].kernels
 
 
 _OPS: dict[str, OpSpec] = {}
 
 
-def register_op(name: str, dtypes: dict[str, tuple[torch.dtype, ...]],
-                skip: dict[tuple[str, str], str] | None = None) -> OpSpec:
+def register_op(name: str, impls: dict[str, Implementation], *,
+                skip: dict[tuple[str, str], str] | None = None,
+                examples: Callable | None = None, fn: Callable | None = None) -> OpSpec:
     """Declare an op's implementations. Called once by each op module at import."""
-    unknown = set(dtypes) - set(BACKENDS)
-    if unknown or "torch" not in dtypes:
-        raise ValueError(f"register_op({name!r}): backends must include 'torch' and be among "
-                         f"{BACKENDS}, got {sorted(dtypes)}")
-    spec = OpSpec(name, dict(dtypes), dict(skip or {}))
+    unknown = set(impls) - set(BACKENDS)
+    if unknown or "torch" not in impls:
+        raise ValueError(f"register_op({name!r}): impls must include 'torch' and be among "
+                         f"{BACKENDS}, got {sorted(impls)}")
+    for backend, impl in impls.items():
+        if not isinstance(impl, Implementation):
+            raise ValueError(f"register_op({name!r}): impls[{backend!r}] must be an "
+                             f"Implementation, got {type(impl).__name__}")
+    spec = OpSpec(name, dict(impls), dict(skip or {}), examples, fn)
     _OPS[name] = spec
     return spec
 
 
 NOT_YET_MEASURED = ("no benchmark on this device yet shows it at least as fast as the next "
-                    "path (run benchmarks/gpu_check.sh); KERNELRL_BACKEND forces it")
+                    "path (run `kernelrl tune --device cuda`); KERNELRL_BACKEND forces it")
 
 
 def not_yet_measured(device_type: str, *backends: str) -> dict[tuple[str, str], str]:
@@ -104,8 +168,27 @@ def debug_enabled() -> bool:
     return os.environ.get("KERNELRL_DEBUG", "0") == "1"
 
 
+def _build_config():
+    """``kernelrl._build_config`` (written at install: BUILD_NATIVE, BUILD_CUDA), or None
+    in a checkout that was never installed."""
+    try:
+        return importlib.import_module("kernelrl._build_config")
+    except Exception:  # missing, or unreadable: treat as "no record of the build"
+        return None
+
+
+def _off(value) -> bool:
+    return str(value).strip().lower() in ("0", "off", "false", "no", "")
+
+
+NOT_BUILT = "not built (by choice, KERNELRL_BUILD_NATIVE=0)"
+
+
 @functools.lru_cache(maxsize=None)
 def _native_status() -> tuple[object | None, str]:
+    config = _build_config()
+    if config is not None and getattr(config, "BUILD_NATIVE", True) is False:
+        return None, NOT_BUILT
     try:
         module = importlib.import_module("kernelrl._native")
     except Exception as exc:  # ImportError, or a broken .so raising OSError
@@ -131,14 +214,21 @@ def _triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
+def _no_cuda_kernels_reason() -> str:
+    config = _build_config()
+    if config is not None and _off(getattr(config, "BUILD_CUDA", "auto")):
+        return "kernelrl._native was built without CUDA (by choice, KERNELRL_BUILD_CUDA=0)"
+    return "kernelrl._native was built without CUDA (nvcc was not found at install)"
+
+
 def availability(backend: str, device: torch.device, dtype: torch.dtype,
                  spec: OpSpec) -> tuple[bool, str]:
     """Whether ``backend`` can run ``spec`` on ``device`` with ``dtype``, and why not."""
     if backend not in spec.dtypes:
         return False, f"{spec.name} has no {backend} implementation"
     if backend != "torch" and dtype not in spec.dtypes[backend]:
-        names = ", ".join(str(d).removeprefix("torch.") for d in spec.dtypes[backend])
-        return False, f"{backend} {spec.name} takes {names}, not {str(dtype).removeprefix('torch.')}"
+        names = ", ".join(dtype_name(d) for d in spec.dtypes[backend])
+        return False, f"{backend} {spec.name} takes {names}, not {dtype_name(dtype)}"
     if backend == "torch":
         return True, "torch reference"
     if backend == "triton":
@@ -159,106 +249,229 @@ def availability(backend: str, device: torch.device, dtype: torch.dtype,
         return True, why + " (C++ CPU kernels)"
     if device.type == "cuda":
         if not module.has_cuda():
-            return False, "kernelrl._native was built without CUDA (nvcc was not found at install)"
+            return False, _no_cuda_kernels_reason()
         if module.cuda_device_count() == 0:
             return False, "kernelrl._native has CUDA kernels but sees no CUDA device"
         return True, why + " (CUDA kernels)"
     return False, f"no native kernels for {device.type} tensors"
 
 
+# ---------------------------------------------------------------------------------------
+# device names, the tuned file and the built-in table
+# ---------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """A stable name for this machine's CPU model (the tuned file's key for CPU entries)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
+                    value = " ".join(value.split())
+                    if value:
+                        return value
+    except OSError:
+        pass
+    return " ".join((platform.processor() or platform.machine() or "unknown cpu").split())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> str:
+    """The model name that keys tuned and built-in entries: the GPU's name for CUDA
+    (``torch.cuda.get_device_name``), :func:`cpu_model` for CPU, else the device type."""
+    if device.type == "cuda":
+        return _cuda_name(torch.cuda.current_device() if device.index is None else device.index)
+    if device.type == "cpu":
+        return cpu_model()
+    return device.type
+
+
+def cache_dir() -> Path:
+    """``$KERNELRL_CACHE_DIR``, else ``$XDG_CACHE_HOME/kernelrl``, else ``~/.cache/kernelrl``."""
+    explicit = os.environ.get("KERNELRL_CACHE_DIR", "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if xdg:
+        return Path(xdg).expanduser() / "kernelrl"
+    try:
+        return Path.home() / ".cache" / "kernelrl"
+    except RuntimeError:  # no home directory known: a per-machine temporary folder
+        return Path(tempfile.gettempdir()) / "kernelrl-cache"
+
+
+def tuned_path() -> Path:
+    """Where ``kernelrl tune`` writes, and dispatch reads, this version's tuned choices."""
+    from kernelrl._version import __version__  # a leaf module: no import circle
+
+    return cache_dir() / f"tuned-{__version__}.json"
+
+
+@dataclass(frozen=True)
+class TunedFile:
+    """The tuned file as read: ``entries[op][device name][dtype name] -> entry``."""
+
+    path: Path
+    entries: dict
+    problem: str | None = None   # why it could not be used (None: read, or absent)
+    exists: bool = False
+
+
+def read_tuned_file(path: Path) -> TunedFile:
+    """Read a tuned file; a missing or unreadable one gives no entries (and says why)."""
+    if not path.is_file():
+        return TunedFile(path, {})
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        entries = document["entries"]
+        if not isinstance(entries, dict):
+            raise ValueError(f"'entries' must be an object, got {type(entries).__name__}")
+    except Exception as exc:
+        return TunedFile(path, {}, f"unreadable ({type(exc).__name__}: {exc}); "
+                                   "run `kernelrl tune` again to rewrite it", exists=True)
+    return TunedFile(path, entries, exists=True)
+
+
+_tuned_lock = threading.Lock()
+_tuned_cache: list[TunedFile] = []
+
+
+def tuned_file() -> TunedFile:
+    """This process's copy of the tuned file (read on first use; :func:`reload_tuned`)."""
+    if not _tuned_cache:
+        with _tuned_lock:
+            if not _tuned_cache:
+                _tuned_cache.append(read_tuned_file(tuned_path()))
+    return _tuned_cache[0]
+
+
+def reload_tuned() -> None:
+    """Forget the tuned file (and built-in table) read so far: the next dispatch reads
+    them again (from the cache folder the environment names then)."""
+    with _tuned_lock:
+        _tuned_cache.clear()
+        builtin_table.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_table() -> dict:
+    """``kernelrl._dispatch_table.TABLE``: entries[op][GPU model name][dtype name]."""
+    try:
+        return importlib.import_module("kernelrl._dispatch_table").TABLE
+    except Exception:  # the table is optional data: dispatch works without it
+        return {}
+
+
+def _lookup(entries: dict, op: str, device: torch.device, dtype: torch.dtype) -> dict | None:
+    """The entry for (op, this device's model, dtype) whose choice names a backend, or None
+    (also for a malformed file: dispatch never fails over the table)."""
+    per_op = entries.get(op)
+    if not per_op or not isinstance(per_op, dict):   # the common case: nothing for this op
+        return None
+    per_device = per_op.get(device_name(device))
+    entry = per_device.get(dtype_name(dtype)) if isinstance(per_device, dict) else None
+    return entry if isinstance(entry, dict) and entry.get("choice") in BACKENDS else None
+
+
+# ---------------------------------------------------------------------------------------
+# the choice
+# ---------------------------------------------------------------------------------------
+
+_forced_here = threading.local()
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def force(backend: str | None):
+    """Force ``backend`` for calls made in this block (this thread), ahead of
+    ``KERNELRL_BACKEND``; ``None`` means the default choice (tuned or built-in table),
+    ignoring ``KERNELRL_BACKEND``.
+    ``kernelrl tune``, the tests and the benchmarks use it to run one implementation."""
+    if backend is not None and backend not in BACKENDS:
+        raise BackendError(f"force: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    previous = getattr(_forced_here, "value", _UNSET)
+    _forced_here.value = backend
+    try:
+        yield
+    finally:
+        _forced_here.value = previous
+
+
+def _forced_now() -> tuple[str | None, str]:
+    """(backend, where it was forced) for the current call, or (None, "")."""
+    value = getattr(_forced_here, "value", _UNSET)
+    if value is not _UNSET:
+        return value, "backend.force()"
+    env = forced_backend()
+    return env, ("KERNELRL_BACKEND" if env else "")
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``."""
+    """The backend that runs ``op`` for tensors on ``device`` of ``dtype``.
+
+    Under ``torch.compile`` the choice is made once, while tracing, and the compiled graph
+    keeps it (the native and Triton paths are custom ops the graph calls).
+    """
+    if torch.compiler.is_compiling():
+        return _select_traced(op, device.type, device.index, dtype)
+    return _select(op, device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _select_traced(op: str, device_type: str, index, dtype: torch.dtype) -> str:
+    return _select(op, torch.device(device_type, index), dtype)
+
+
+def _select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     spec = _OPS[op]
-    forced = forced_backend()
+    forced, where = _forced_now()
     if forced is not None:
         ok, why = availability(forced, device, dtype, spec)
         if not ok:
-            raise BackendError(f"KERNELRL_BACKEND={forced} cannot run {op} on "
-                               f"{device.type} {str(dtype).removeprefix('torch.')}: {why}")
+            raise BackendError(f"{where}={forced} cannot run {op} on "
+                               f"{device.type} {dtype_name(dtype)}: {why}")
         return forced
+    return _default_choice(op, device.type, dtype, device.index)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An unforced choice and where it came from.
+
+    source: ``"tuned"`` (the tuned file), ``"built-in"`` (the built-in table) or
+    ``"default"`` (the default order and skip rules); ``entry`` is the table entry used
+    (or, for "default", the tuned entry whose rejections were honoured, if any).
+    """
+
+    backend: str
+    source: str
+    entry: dict | None = None
+
+
+def decide(op: str, device: torch.device, dtype: torch.dtype) -> Decision:
+    """The backend ``op`` uses on ``device`` for ``dtype`` when nothing is forced."""
+    spec = _OPS[op]
+    tuned = _lookup(tuned_file().entries, op, device, dtype)
+    if tuned and availability(tuned["choice"], device, dtype, spec)[0]:
+        return Decision(tuned["choice"], "tuned", tuned)
+    rejected = (tuned or {}).get("rejected")
+    rejected = rejected if isinstance(rejected, dict) else {}   # failed the check here
+    builtin = _lookup(builtin_table(), op, device, dtype)
+    if (builtin and builtin["choice"] not in rejected
+            and availability(builtin["choice"], device, dtype, spec)[0]):
+        return Decision(builtin["choice"], "built-in", builtin)
     for backend in _ORDER.get(device.type, ("torch",)):
-        if (backend, device.type) in spec.skip:
+        if (backend, device.type) in spec.skip or backend in rejected:
             continue
         if availability(backend, device, dtype, spec)[0]:
-            return backend
-    return "torch"
+            return Decision(backend, "default", tuned)
+    return Decision("torch", "default", tuned)
 
 
-# ---------------------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------------------
-
-def _plan(spec: OpSpec, device: torch.device, gpu_present: bool) -> list[dict]:
-    """For one op and device type: each backend in order, with its status and reason."""
-    rows, chosen = [], None
-    dtype = next((d for d in (torch.bfloat16, torch.float32) if all(
-        d in spec.dtypes[b] for b in spec.dtypes if b != "torch")), torch.float32)
-    for backend in _ORDER.get(device.type, ("torch",)):
-        if backend not in spec.dtypes:
-            continue
-        if device.type == "cuda" and not gpu_present and backend != "native":
-            ok, why = False, "no CUDA device"
-        else:
-            ok, why = availability(backend, device, dtype, spec)
-        skipped = spec.skip.get((backend, device.type))
-        if ok and skipped:
-            status, why = "skipped", skipped
-        elif ok and chosen is None:
-            status = chosen = "chosen"
-        else:
-            status = "available" if ok else "unavailable"
-            if skipped:
-                why = f"{why}; and by default skipped: {skipped}"
-        rows.append({"backend": backend, "status": status, "reason": why})
-    return rows
-
-
-def info() -> dict:
-    """What this machine offers and which backend each op uses, with reasons.
-
-    Returns a dict; ``kernelrl info`` prints it. Loads the native module (recording its
-    error if it fails) but touches no GPU beyond asking torch whether one exists.
-    """
-    import kernelrl.ops  # noqa: F401  (registers every op)
-    from kernelrl._version import __version__
-
-    module, native_why = _native_status()
-    triton_ok, triton_why = _triton_status()
-    gpu = torch.cuda.is_available()
-    report = {
-        "kernelrl": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_why if triton_ok else f"unavailable: {triton_why}",
-        "native": native_why,
-        "native_cuda": bool(module is not None and module.has_cuda()),
-        "gpu": torch.cuda.get_device_name(0) if gpu else None,
-        "forced_backend": os.environ.get("KERNELRL_BACKEND") or None,
-        "triton_interpret": triton_interpret(),
-        "ops": {},
-    }
-    for name, spec in sorted(_OPS.items()):
-        report["ops"][name] = {dev: _plan(spec, torch.device(dev), gpu) for dev in ("cpu", "cuda")}
-    return report
-
-
-def format_info(report: dict) -> str:
-    lines = [f"kernelrl {report['kernelrl']}  (python {report['python']})",
-             f"  torch   {report['torch']}",
-             f"  triton  {report['triton']}",
-             f"  native  {report['native']}; CUDA kernels: "
-             f"{'built' if report['native_cuda'] else 'not built'}",
-             f"  gpu     {report['gpu'] or 'none'}"]
-    if report["forced_backend"]:
-        lines.append(f"  KERNELRL_BACKEND={report['forced_backend']} (forced)")
-    if report["triton_interpret"]:
-        lines.append("  TRITON_INTERPRET=1 (Triton runs on CPU tensors when forced)")
-    lines.append("ops (default choice per device; * marks the one used):")
-    for name, per_device in report["ops"].items():
-        lines.append(f"  {name}")
-        for dev, rows in per_device.items():
-            for row in rows:
-                mark = "*" if row["status"] == "chosen" else " "
-                lines.append(f"    {dev:<5}{mark} {row['backend']:<7} {row['status']:<12}"
-                             f"{row['reason']}")
-    return "\n".join(lines)
+def _default_choice(op: str, device_type: str, dtype: torch.dtype, index=None) -> str:
+    return decide(op, torch.device(device_type, index), dtype).backend
