@@ -6,7 +6,9 @@ the device and dtype of the op's tensors, in this order (the first that applies 
 
 1. Forced. ``with backend.force(name):`` (this thread), else ``KERNELRL_BACKEND=native|
    triton|torch``. A forced backend that cannot run raises :class:`BackendError` saying
-   why; it never falls back silently. With ``TRITON_INTERPRET=1`` a forced ``triton``
+   why; it never falls back silently. (An op with no implementation of that backend at
+   all, such as the plain-torch ``dpo_loss``, runs its torch one: forcing picks among an
+   op's kernels.) With ``TRITON_INTERPRET=1`` a forced ``triton``
    runs on CPU tensors (the tests use this).
 2. Tuned on this machine. ``kernelrl tune`` checks every implementation against a
    float64 run, times those that pass, and writes the fastest per (op, device model,
@@ -430,6 +432,10 @@ def _select_traced(op: str, device_type: str, index, dtype: torch.dtype) -> str:
 def _select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     spec = _OPS[op]
     forced, where = _forced_now()
+    if forced is not None and forced not in spec.impls:
+        # The op has no such implementation at all (plain-torch ops such as dpo_loss):
+        # forcing is about choosing among an op's kernels, so it runs its torch one.
+        return "torch"
     if forced is not None:
         ok, why = availability(forced, device, dtype, spec)
         if not ok:

@@ -61,6 +61,10 @@ def _choice(backend, spec, device, dtype, forced, forced_error) -> dict:
     if forced_error:
         return {"backend": None, "kind": "error",
                 "source": f"{forced_error}; calls raise BackendError"}
+    if forced and forced not in spec.impls:
+        return {"backend": "torch", "kind": "forced",
+                "source": f"torch: KERNELRL_BACKEND={forced} is ignored, {spec.name} has no "
+                          f"{forced} implementation"}
     if forced:
         ok, why = backend.availability(forced, device, dtype, spec)
         if ok:

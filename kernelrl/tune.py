@@ -415,7 +415,7 @@ def tune_one(spec, device: torch.device, dtype: torch.dtype, reps: int = 5,
 def tune(device: str = "auto", ops: list[str] | None = None, dtypes: list[str] | None = None,
          reps: int = 5, budget: float = DEFAULT_BUDGET_S, stream=None) -> dict:
     """Tune ``ops`` on ``device``; returns {"device": model, "device_type", "entries":
-    {op: {dtype: entry}}, "untuned": [ops without examples]}. Writes nothing (see
+    {op: {dtype: entry}}, "untuned": [ops with one implementation or no examples]}. Writes nothing (see
     :func:`write_tuned`)."""
     if reps < 1:
         raise UsageError(f"--reps: expected a positive count, got {reps}")
@@ -424,7 +424,9 @@ def tune(device: str = "auto", ops: list[str] | None = None, dtypes: list[str] |
     dev = resolve_device(device)
     specs = resolve_ops(ops)
     dtype_list = resolve_dtypes(dtypes)
-    runnable = [s for s in specs if s.examples is not None and s.fn is not None]
+    # an op with only a torch implementation has nothing to choose: not timed
+    runnable = [s for s in specs if s.examples is not None and s.fn is not None
+                and len(s.impls) > 1]
     model = backend.device_name(dev)
     progress = Progress(len(runnable) * len(dtype_list), stream)
     entries: dict[str, dict] = {}
@@ -489,7 +491,7 @@ def summary(result: dict) -> str:
     if not rows:
         lines.append("(nothing tuned)")
     for op in result.get("untuned", []):
-        lines.append(f"{op}: registers no examples, not tuned")
+        lines.append(f"{op}: not tuned (only a torch implementation, or no examples)")
     return "\n".join(lines)
 
 

@@ -213,11 +213,13 @@ def test_compiles_with_fullgraph_forward_and_backward():
     torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-3)   # grads of size 1/eps
 
 
-def test_registered_with_torch_only_and_forcing_another_backend_raises(monkeypatch):
+def test_registered_with_torch_only_and_forcing_another_backend_runs_torch(monkeypatch):
     assert set(backend.registered_ops()["group_advantages"].impls) == {"torch"}
-    monkeypatch.setenv("KERNELRL_BACKEND", "native")
-    with pytest.raises(BackendError, match="group_advantages has no native implementation"):
-        group_advantages(torch.randn(4), 2)
+    scores = torch.randn(4)
+    expected = group_advantages(scores, 2)
+    monkeypatch.setenv("KERNELRL_BACKEND", "native")   # kernels forced: this op has none
+    assert backend.select("group_advantages", torch.device("cpu"), torch.float32) == "torch"
+    assert torch.equal(group_advantages(scores, 2), expected)
 
 
 # ---------------------------------------------------------------------------------------
