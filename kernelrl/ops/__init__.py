@@ -12,5 +12,7 @@ from kernelrl.ops.logprobs import token_logprobs
 from kernelrl.ops.linear_logprobs import linear_logprobs
 from kernelrl.ops.group_advantages import group_advantages
 from kernelrl.ops.preference import dpo_loss, reward_loss
+from kernelrl.ops.advantages import Advantages, kl_penalized_advantages
 
-__all__ = ["token_logprobs", "linear_logprobs", "group_advantages", "dpo_loss", "reward_loss"]
+__all__ = ["token_logprobs", "linear_logprobs", "group_advantages", "dpo_loss", "reward_loss",
+           "kl_penalized_advantages", "Advantages"]
