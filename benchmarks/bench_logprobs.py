@@ -17,36 +17,38 @@ Cases (fwd+bwd, same inputs for every implementation in one run):
   "linear_logprobs fwd+bwd per-token"
       logp = log_softmax(hidden @ weight.T)[label], per token; random per-token upstream
       gradient; gradients to hidden and weight.
-      impls: kernelrl.ops.linear_logprobs (reduction="none") | eager | compile.
+      impls: kernelrl.ops.linear_logprobs (reduction="none") | eager | compile
+             | torch_chunked (F.linear_cross_entropy(..., reduction="none",
+             options=LinearCrossEntropyOptions()), logp = -loss).
       (Liger's fused linear cross-entropy only gives a mean/sum loss: see the next case.)
 
   "linear_logprobs fwd+bwd mean (SFT)"
       loss = mean token cross-entropy over non-ignored tokens, backward from the scalar.
       impls: kernelrl (-linear_logprobs(..., reduction="mean")) | eager
-             (F.cross_entropy(hidden @ weight.T, labels)) | compile | liger
-             (liger_fused_linear_cross_entropy, reduction="mean"; CUDA only).
+             (F.cross_entropy(hidden @ weight.T, labels)) | compile | torch_chunked
+             (F.linear_cross_entropy(..., reduction="mean", ignore_index=-100, options=...))
+             | liger (liger_fused_linear_cross_entropy, reduction="mean"; CUDA only).
 
   For both linear cases: flops = 6·N·H·V (forward matmul + the two backward matmuls);
   the count excludes any recompute an implementation does, so it is a useful-work rate.
+  kernelrl also has a row per backend it can run here, forced (kernelrl[native], ...).
 
 Inputs: logits ~ 2·randn; hidden ~ randn, weight ~ randn·2/sqrt(H) (logits of std 2);
 labels uniform in [0, V) with ~10% set to -100.
 
-Before timing, every implementation is run once on the first input set and compared with
-eager (log-probs max abs diff on non-ignored tokens, gradients by relative norm); a
-mismatch is reported as an error row and that implementation is not timed.
-
-Targets (printed MET / NOT MET with the numbers; never asserted):
+Targets (printed MET / NOT MET / NOT CHECKED with the numbers; never asserted):
   GPU  token_logprobs fwd+bwd, N=16384 V=128256 bf16: >= 80% of the measured copy GB/s.
-  GPU  linear_logprobs N=16384 H=4096 V=128256 bf16: faster than Liger FLCE and than eager;
-       peak extra memory <= 1/16 of eager's.
+  GPU  linear_logprobs N=16384 H=4096 V=128256 bf16: faster than Liger FLCE, than eager and
+       than torch_chunked; peak extra memory <= 1/16 of eager's.
   CPU  linear_logprobs N=8192 H=256 V=32000 fp32 fwd+bwd: peak extra memory <= 1/16 of
-       eager's, and time no slower than eager.
+       eager's, and time no slower than eager (per-token); faster than torch_chunked and
+       peak extra memory <= torch_chunked's (per-token and mean). CPU speed verdicts are
+       medians of >= 5 paired round-robin runs (targets.py).
 
 Usage:
-  python benchmarks/bench_logprobs.py --device cpu --out cpu.json
-  python benchmarks/bench_logprobs.py --device cuda --out gpu.json
+  python benchmarks/bench_logprobs.py --device cpu --out cpu.json     # target shapes
   python benchmarks/bench_logprobs.py --quick --device cpu --impls kernelrl,eager
+  python benchmarks/run.py logprobs                                   # same as --quick
 """
 
 from __future__ import annotations
@@ -56,10 +58,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 import report  # noqa: E402
+import suite  # noqa: E402
+from cases import (KERNELRL_IMPLS, Case, Impl, close_to_reference, compiled,  # noqa: E402
+                   first, kernelrl_impls, liger_functional, liger_skip, torch_chunked_skip,
+                   torch_linear_ce)
+from targets import faster, memory_at_most, ms, target, why_missing  # noqa: E402
 
 BENCH = "logprobs"
 IGNORE_INDEX = -100
@@ -69,6 +75,7 @@ CASE_NAMES = {
     "linear": "linear_logprobs fwd+bwd per-token",
     "linear_mean": "linear_logprobs fwd+bwd mean (SFT)",
 }
+IMPLS = KERNELRL_IMPLS + ("eager", "compile", "torch_chunked", "liger")
 
 # The issue's target shapes.
 GPU_TOKEN = {"N": 16384, "V": 128256}
@@ -78,13 +85,21 @@ CPU_TOKEN = {"N": 2048, "V": 32000}
 
 
 def plan(device: str, quick: bool) -> list:
-    """[(case_id, shape, dtype)] to run on this device."""
+    """[(case_id, shape, dtype)] to run on this device. ``quick`` (run.py's default):
+    shapes where every call takes tens of milliseconds on 2 CPU cores, so that every
+    implementation, its check and its memory process fit in about a minute, while the
+    vocabulary still dwarfs the hidden width as in an LLM head. torch_chunked is the one to
+    read with care there: its chunk count depends on V/H, not N, so at few tokens its fixed
+    cost per chunk dominates and it ranks lower than at the target shapes (--full)."""
     cuda = common.is_cuda(device)
     if quick:
-        token, linear = {"N": 96, "V": 1000}, {"N": 128, "H": 32, "V": 1000}
-        dtypes = ["fp32", "bf16"] if cuda else ["fp32"]
-        return ([("token", token, d) for d in dtypes]
-                + [("linear", linear, "fp32"), ("linear_mean", linear, "fp32")])
+        if cuda:
+            token, linear = {"N": 4096, "V": 32000}, {"N": 4096, "H": 1024, "V": 32000}
+            return [("token", token, "bf16"), ("token", token, "fp32"),
+                    ("linear", linear, "bf16"), ("linear_mean", linear, "bf16")]
+        token, linear = {"N": 512, "V": 32000}, {"N": 1024, "H": 128, "V": 8000}
+        return [("token", token, "fp32"), ("linear", linear, "fp32"),
+                ("linear_mean", linear, "fp32")]
     if cuda:
         return [
             ("token", GPU_TOKEN, "bf16"),
@@ -106,7 +121,6 @@ def plan(device: str, quick: bool) -> list:
 def eager_token_logprobs(logits, labels):
     """log softmax(logits)[label] in fp32; 0 on ignored tokens. Materialises [N, V] fp32
     twice in forward (upcast, log_softmax) and more in backward."""
-    import torch
     ignored = labels == IGNORE_INDEX
     logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logp.masked_fill(ignored, 0.0)
@@ -119,10 +133,6 @@ def eager_linear_logprobs(hidden, weight, labels):
 def eager_linear_ce_mean(hidden, weight, labels):
     import torch.nn.functional as F
     return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=IGNORE_INDEX)
-
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,85 +172,21 @@ def _loss_fwd_bwd(loss_fn):
     return run
 
 
-def _compiled(fn):
-    import torch
-    import torch._dynamo
-    torch._dynamo.reset()  # a fresh cache per case, so the recompile limit is never hit
-    return torch.compile(fn, dynamic=False)
-
-
-def _import_kernelrl():
-    import kernelrl.ops  # noqa: F401
+def _kernelrl():
+    import kernelrl.ops
     return kernelrl.ops
 
 
-def _forced(op, backend):
-    """``op`` run with KERNELRL_BACKEND=backend (None: the default dispatch).
-
-    The backend is chosen when the forward runs and kept for its backward, so setting the
-    variable around the forward call is enough."""
-    if backend is None:
-        return op
-
-    def call(*args, **kwargs):
-        old = os.environ.get("KERNELRL_BACKEND")
-        os.environ["KERNELRL_BACKEND"] = backend
-        try:
-            return op(*args, **kwargs)
-        finally:
-            if old is None:
-                os.environ.pop("KERNELRL_BACKEND", None)
-            else:
-                os.environ["KERNELRL_BACKEND"] = old
-
-    return call
-
-
-def _kernelrl_impls(op_name: str, device: str, dtype, wrap) -> dict:
-    """kernelrl under its default dispatch, plus one row per backend forced, so that the
-    dispatch table (which backend is the default per device) rests on these numbers.
-    ``wrap(backend)`` builds the run function with that backend forced."""
-    from kernelrl import backend as kb
-
-    import torch
-
-    impls = {"kernelrl": common.Impl(lambda: wrap(None))}
-    names = ("native", "triton", "torch") if common.is_cuda(device) else ("native", "torch")
-    spec = kb.registered_ops()[op_name]
-    for name in names:
-        ok, why = kb.availability(name, torch.device(device), dtype, spec)
-        impls[f"kernelrl[{name}]"] = common.Impl(lambda name=name: wrap(name),
-                                                 skip=None if ok else why)
-    return impls
-
-
-def _liger_functional():
-    if not _liger_installed():
-        raise RuntimeError("liger_kernel is not installed")
-    import liger_kernel.transformers.functional as LF
-    return LF
-
-
-def _liger_installed() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def _liger_skip(device: str):
-    if not common.is_cuda(device):
-        return "Liger-Kernel runs on CUDA only"
-    if not _liger_installed():
-        return "liger_kernel not installed (pip install liger-kernel to compare)"
-    return None
-
-
+# ----------------------------------------------------------------------------------------
+# Peers
+# ----------------------------------------------------------------------------------------
 def _liger_token_op():
     """Liger's cross-entropy with reduction="none" as a log-prob op (logp = -loss)."""
-    liger_cross_entropy = _liger_functional().liger_cross_entropy
+    liger_cross_entropy = liger_functional().liger_cross_entropy
 
     def op(logits, labels):
-        loss = _first(liger_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX,
-                                          reduction="none"))
+        loss = first(liger_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX,
+                                         reduction="none"))
         return -loss.float()
 
     return op
@@ -248,64 +194,31 @@ def _liger_token_op():
 
 def _liger_flce_mean():
     """Liger's fused linear cross-entropy, mean over non-ignored tokens."""
-    LF = _liger_functional()
+    LF = liger_functional()
     if hasattr(LF, "liger_fused_linear_cross_entropy"):
         flce = LF.liger_fused_linear_cross_entropy
-        return lambda h, w, y: _first(flce(h, w, y, ignore_index=IGNORE_INDEX, reduction="mean"))
+        return lambda h, w, y: first(flce(h, w, y, ignore_index=IGNORE_INDEX, reduction="mean"))
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     module = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
-    return lambda h, w, y: _first(module(w, h, y))
+    return lambda h, w, y: first(module(w, h, y))
 
 
-# ----------------------------------------------------------------------------------------
-# Checks against eager
-# ----------------------------------------------------------------------------------------
-def _make_check(mask_from, atol: float, rtol: float, grad_tol: float):
-    """(ref, out) -> None or a message. out[0] compared on the tokens ``mask_from(ref[0])``
-    selects: |out - ref| <= atol + rtol·|ref| (rtol allows a peer that returns bf16 losses);
-    gradients by relative norm ||g - g_ref|| / ||g_ref|| <= grad_tol. Loose on purpose: it
-    catches a broken op, not last-bit differences."""
-    import torch
-
-    def check(ref, out):
-        if len(out) != len(ref):
-            return f"returned {len(out)} tensors, expected {len(ref)}"
-        a, b = out[0].float(), ref[0].float()
-        if a.shape != b.shape:
-            return f"output shape {tuple(a.shape)} != {tuple(b.shape)}"
-        m = mask_from(b)
-        if not torch.isfinite(a[m]).all():
-            return "non-finite output"
-        if m.any():
-            err = (a[m] - b[m]).abs()
-            excess = (err - (atol + rtol * b[m].abs())).max().item()
-            if not excess <= 0:
-                return (f"output max abs diff {err.max().item():.3g} exceeds "
-                        f"{atol:g} + {rtol:g}*|ref|")
-        for i, (g, gr) in enumerate(zip(out[1:], ref[1:]), start=1):
-            g, gr = g.float(), gr.float()
-            if g.shape != gr.shape:
-                return f"grad {i} shape {tuple(g.shape)} != {tuple(gr.shape)}"
-            if not torch.isfinite(g).all():
-                return f"grad {i} has non-finite values"
-            rel = ((g - gr).norm() / gr.norm().clamp(min=1e-30)).item()
-            if not rel <= grad_tol:
-                return f"grad {i} relative norm error {rel:.3g} > {grad_tol:g}"
-        return None
-
-    return check
+def _torch_chunked_logprobs():
+    """torch's chunked linear cross-entropy per token, as log-probs (logp = -loss; the
+    loss is 0 on ignored tokens, as eager's log-prob is)."""
+    loss = torch_linear_ce("none", IGNORE_INDEX)
+    return lambda h, w, y: -loss(h, w, y)
 
 
 # ----------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------
-def make_case(case_id: str, shape: dict, dtype: str, device: str) -> common.Case:
+def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
     import torch
 
     tdt = common.torch_dtype(dtype)
     low_precision = dtype in ("bf16", "fp16")
     N, V = int(shape["N"]), int(shape["V"])
-    cuda = common.is_cuda(device)
 
     def labels_and_grad(g):
         labels = torch.randint(0, V, (N,), generator=g, device=device)
@@ -322,19 +235,20 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> common.Case
             return {"logits": logits.requires_grad_(), "labels": labels, "grad": grad}
 
         impls = {
-            **_kernelrl_impls("token_logprobs", device, tdt, lambda b: _token_fwd_bwd(
-                _forced(_import_kernelrl().token_logprobs, b))),
-            "eager": common.Impl(lambda: _token_fwd_bwd(eager_token_logprobs)),
-            "compile": common.Impl(lambda: _token_fwd_bwd(_compiled(eager_token_logprobs))),
-            "liger": common.Impl(lambda: _token_fwd_bwd(_liger_token_op()), mutates_inputs=True,
-                                 skip=_liger_skip(device)),
+            **kernelrl_impls("token_logprobs", device, tdt,
+                             lambda: _token_fwd_bwd(_kernelrl().token_logprobs)),
+            "eager": Impl(lambda: _token_fwd_bwd(eager_token_logprobs)),
+            "compile": Impl(lambda: _token_fwd_bwd(compiled(eager_token_logprobs))),
+            "liger": Impl(lambda: _token_fwd_bwd(_liger_token_op()), mutates_inputs=True,
+                          skip=liger_skip(device)),
         }
         itemsize = torch.empty((), dtype=tdt).element_size()
-        return common.Case(
+        return Case(
             bench=BENCH, case_id=case_id, case=CASE_NAMES[case_id], shape={"N": N, "V": V},
             dtype=dtype, make_inputs=make_inputs, impls=impls, device=device,
-            check=_make_check(lambda ref: ref != 0, 2e-2 if low_precision else 1e-3,
-                              1e-2 if low_precision else 0.0, 5e-2 if low_precision else 1e-3),
+            check=close_to_reference(lambda ref: ref != 0, 2e-2 if low_precision else 1e-3,
+                                     1e-2 if low_precision else 0.0,
+                                     5e-2 if low_precision else 1e-3),
             bytes_moved=3 * N * V * itemsize + 24 * N,
         )
 
@@ -344,42 +258,46 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> common.Case
         def make_inputs(seed):
             g = torch.Generator(device=device).manual_seed(2000 + seed)
             hidden = torch.randn(N, H, generator=g, device=device, dtype=tdt)
-            weight = torch.randn(V, H, generator=g, device=device, dtype=tdt).mul_(2.0 / math.sqrt(H))
+            weight = torch.randn(V, H, generator=g, device=device, dtype=tdt)
+            weight.mul_(2.0 / math.sqrt(H))
             labels, grad = labels_and_grad(g)
             return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(),
                     "labels": labels, "grad": grad}
 
         if case_id == "linear":
-            def kernelrl_op(backend):
-                linear_logprobs = _forced(_import_kernelrl().linear_logprobs, backend)
-                return lambda h, w, y: linear_logprobs(h, w, y, ignore_index=IGNORE_INDEX)
+            def kernelrl_logprobs():
+                op = _kernelrl().linear_logprobs
+                return _linear_fwd_bwd(lambda h, w, y: op(h, w, y, ignore_index=IGNORE_INDEX))
 
             impls = {
-                **_kernelrl_impls("linear_logprobs", device, tdt,
-                                  lambda b: _linear_fwd_bwd(kernelrl_op(b))),
-                "eager": common.Impl(lambda: _linear_fwd_bwd(eager_linear_logprobs)),
-                "compile": common.Impl(lambda: _linear_fwd_bwd(_compiled(eager_linear_logprobs))),
+                **kernelrl_impls("linear_logprobs", device, tdt, kernelrl_logprobs),
+                "eager": Impl(lambda: _linear_fwd_bwd(eager_linear_logprobs)),
+                "compile": Impl(lambda: _linear_fwd_bwd(compiled(eager_linear_logprobs))),
+                "torch_chunked": Impl(lambda: _linear_fwd_bwd(_torch_chunked_logprobs()),
+                                      skip=torch_chunked_skip()),
             }
-            check = _make_check(lambda ref: ref != 0, 0.25 if low_precision else 5e-2,
-                                1e-2 if low_precision else 0.0, 5e-2 if low_precision else 1e-2)
+            check = close_to_reference(lambda ref: ref != 0, 0.25 if low_precision else 5e-2,
+                                       1e-2 if low_precision else 0.0,
+                                       5e-2 if low_precision else 1e-2)
         else:
-            def kernelrl_loss(backend):
-                linear_logprobs = _forced(_import_kernelrl().linear_logprobs, backend)
-                return lambda h, w, y: -linear_logprobs(h, w, y, ignore_index=IGNORE_INDEX,
-                                                        reduction="mean")
+            def kernelrl_loss():
+                op = _kernelrl().linear_logprobs
+                return _loss_fwd_bwd(lambda h, w, y: -op(h, w, y, ignore_index=IGNORE_INDEX,
+                                                         reduction="mean"))
 
             impls = {
-                **_kernelrl_impls("linear_logprobs", device, tdt,
-                                  lambda b: _loss_fwd_bwd(kernelrl_loss(b))),
-                "eager": common.Impl(lambda: _loss_fwd_bwd(eager_linear_ce_mean)),
-                "compile": common.Impl(lambda: _loss_fwd_bwd(_compiled(eager_linear_ce_mean))),
-                "liger": common.Impl(lambda: _loss_fwd_bwd(_liger_flce_mean()),
-                                     skip=_liger_skip(device)),
+                **kernelrl_impls("linear_logprobs", device, tdt, kernelrl_loss),
+                "eager": Impl(lambda: _loss_fwd_bwd(eager_linear_ce_mean)),
+                "compile": Impl(lambda: _loss_fwd_bwd(compiled(eager_linear_ce_mean))),
+                "torch_chunked": Impl(lambda: _loss_fwd_bwd(torch_linear_ce("mean", IGNORE_INDEX)),
+                                      skip=torch_chunked_skip()),
+                "liger": Impl(lambda: _loss_fwd_bwd(_liger_flce_mean()), skip=liger_skip(device)),
             }
-            check = _make_check(lambda ref: torch.ones_like(ref, dtype=torch.bool),
-                                5e-2 if low_precision else 1e-3, 1e-2 if low_precision else 0.0,
-                                5e-2 if low_precision else 1e-2)
-        return common.Case(
+            check = close_to_reference(lambda ref: torch.ones_like(ref, dtype=torch.bool),
+                                       5e-2 if low_precision else 1e-3,
+                                       1e-2 if low_precision else 0.0,
+                                       5e-2 if low_precision else 1e-2)
+        return Case(
             bench=BENCH, case_id=case_id, case=CASE_NAMES[case_id],
             shape={"N": N, "H": H, "V": V}, dtype=dtype, make_inputs=make_inputs,
             impls=impls, device=device, check=check, flops=6 * N * H * V,
@@ -391,102 +309,54 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> common.Case
 # ----------------------------------------------------------------------------------------
 # Targets
 # ----------------------------------------------------------------------------------------
-def _t(target: str, status: str, detail: str) -> dict:
-    return {"target": target, "status": status, "detail": detail}
-
-
-def _ms(r):
-    return r.get("median_ms") if r and r.get("status") == "ok" else None
-
-
-def _mib(b):
-    return f"{b / 2**20:.1f} MiB"
-
-
-def _why_missing(r, name):
-    if r is None:
-        return f"{name} not run at this shape"
-    if r.get("status") == "skipped":
-        return f"{name} skipped: {r.get('note')}"
-    if r.get("status") == "error":
-        return f"{name} error: {r.get('error')}"
-    return f"{name} has no measurement"
-
-
-def _faster(rows, case, shape, dtype, peer, label):
-    k = report.find_row(rows, case, "kernelrl", shape, dtype)
-    p = report.find_row(rows, case, peer, shape, dtype)
-    if _ms(k) is None or _ms(p) is None:
-        missing = k if _ms(k) is None else p
-        return _t(label, "NOT CHECKED", _why_missing(missing, "kernelrl" if missing is k else peer))
-    ok = _ms(k) < _ms(p)
-    return _t(label, "MET" if ok else "NOT MET",
-              f"kernelrl {_ms(k):.3f} ms vs {peer} {_ms(p):.3f} ms ({_ms(p) / _ms(k):.2f}x)")
-
-
-def _memory(rows, case, shape, dtype, label):
-    k = report.find_row(rows, case, "kernelrl", shape, dtype)
-    e = report.find_row(rows, case, "eager", shape, dtype)
-    km = k.get("peak_mem_bytes") if k and k.get("status") == "ok" else None
-    em = e.get("peak_mem_bytes") if e and e.get("status") == "ok" else None
-    if km is None or em is None:
-        missing = k if km is None else e
-        name = "kernelrl" if missing is k else "eager"
-        why = _why_missing(missing, name) if (missing is None or missing.get("status") != "ok") \
-            else f"{name} peak memory not measured ({missing.get('mem_error', 'memory measurement off')})"
-        return _t(label, "NOT CHECKED", why)
-    ok = km * 16 <= em
-    ratio = f"1/{em / km:.1f}" if km else "0"
-    samples = (k.get("mem_detail") or {}).get("samples_extra_bytes")
-    spread = (f"; kernelrl samples {', '.join(f'{b / 2**20:.0f}' for b in samples)} MiB"
-              if samples and len(samples) > 1 else "")
-    return _t(label, "MET" if ok else "NOT MET",
-              f"kernelrl {_mib(km)} vs eager {_mib(em)} extra ({ratio} of eager; target "
-              f"<= 1/16){spread}")
+def _token_bandwidth(rows: list, ceilings: dict) -> dict:
+    label = "GPU token_logprobs fwd+bwd N=16384 V=128256 bf16 >= 80% of copy bandwidth"
+    k = report.find_row(rows, CASE_NAMES["token"], "kernelrl", GPU_TOKEN, "bf16")
+    copy = ceilings.get("copy_gbps")
+    if ms(k) is None or not copy:
+        return target(label, "NOT CHECKED",
+                      why_missing(k, "kernelrl") if ms(k) is None else "no copy ceiling")
+    frac = k["gbps"] / copy
+    detail = (f"{k['gbps']:.0f} GB/s for 3*N*V*2 bytes vs measured copy {copy:.0f} GB/s "
+              f"({k['median_ms']:.3f} ms)")
+    if frac > 1:  # faster than a copy of the same bytes: the ceiling is what is wrong
+        return target(label, "NOT CHECKED", f"{report.SUSPECT}: {detail}")
+    return target(label, "MET" if frac >= 0.8 else "NOT MET", f"{100 * frac:.1f}%: {detail}")
 
 
 def targets(rep: dict) -> list:
     rows = rep["results"]
-    cuda = rep.get("device_kind") == "cuda"
-    out = []
-    if cuda:
-        label = "GPU token_logprobs fwd+bwd N=16384 V=128256 bf16 >= 80% of copy bandwidth"
-        k = report.find_row(rows, CASE_NAMES["token"], "kernelrl", GPU_TOKEN, "bf16")
-        copy = rep["ceilings"].get("copy_gbps")
-        if _ms(k) is None or not copy:
-            out.append(_t(label, "NOT CHECKED",
-                          _why_missing(k, "kernelrl") if _ms(k) is None else "no copy ceiling"))
-        else:
-            frac = k["gbps"] / copy
-            out.append(_t(label, "MET" if frac >= 0.8 else "NOT MET",
-                          f"{k['gbps']:.0f} GB/s for 3*N*V*2 bytes = {100 * frac:.1f}% of "
-                          f"measured copy {copy:.0f} GB/s ({k['median_ms']:.3f} ms)"))
-        out.append(_faster(rows, CASE_NAMES["linear_mean"], GPU_LINEAR, "bf16", "liger",
-                           "GPU linear_logprobs N=16384 H=4096 V=128256 bf16 mean (SFT) faster than Liger FLCE"))
-        out.append(_faster(rows, CASE_NAMES["linear"], GPU_LINEAR, "bf16", "eager",
-                           "GPU linear_logprobs N=16384 H=4096 V=128256 bf16 per-token faster than eager"))
-        out.append(_faster(rows, CASE_NAMES["linear_mean"], GPU_LINEAR, "bf16", "eager",
-                           "GPU linear_logprobs N=16384 H=4096 V=128256 bf16 mean (SFT) faster than eager"))
-        out.append(_memory(rows, CASE_NAMES["linear"], GPU_LINEAR, "bf16",
-                           "GPU linear_logprobs N=16384 H=4096 V=128256 bf16 per-token peak extra memory <= 1/16 of eager"))
-    else:
-        out.append(_memory(rows, CASE_NAMES["linear"], CPU_LINEAR, "fp32",
-                           "CPU linear_logprobs N=8192 H=256 V=32000 fp32 per-token fwd+bwd peak extra memory <= 1/16 of eager"))
-        k = report.find_row(rows, CASE_NAMES["linear"], "kernelrl", CPU_LINEAR, "fp32")
-        e = report.find_row(rows, CASE_NAMES["linear"], "eager", CPU_LINEAR, "fp32")
-        label = "CPU linear_logprobs N=8192 H=256 V=32000 fp32 per-token fwd+bwd no slower than eager"
-        if _ms(k) is None or _ms(e) is None:
-            missing = k if _ms(k) is None else e
-            out.append(_t(label, "NOT CHECKED",
-                          _why_missing(missing, "kernelrl" if missing is k else "eager")))
-        else:
-            ok = _ms(k) <= _ms(e)
-            out.append(_t(label, "MET" if ok else "NOT MET",
-                          f"kernelrl {_ms(k):.1f} ms vs eager {_ms(e):.1f} ms "
-                          f"({_ms(e) / _ms(k):.2f}x; median of CPU runs)"))
+    linear, mean = CASE_NAMES["linear"], CASE_NAMES["linear_mean"]
+    if rep.get("device_kind") == "cuda":
+        at = "GPU linear_logprobs N=16384 H=4096 V=128256 bf16"
+        return [
+            _token_bandwidth(rows, rep["ceilings"]),
+            *(faster(rows, case, GPU_LINEAR, "bf16", peer, f"{at} {mode} faster than {name}",
+                     cpu=False)
+              for case, mode, peer, name in (
+                  (mean, "mean (SFT)", "liger", "Liger FLCE"),
+                  (linear, "per-token", "eager", "eager"),
+                  (mean, "mean (SFT)", "eager", "eager"),
+                  (linear, "per-token", "torch_chunked", "torch_chunked"),
+                  (mean, "mean (SFT)", "torch_chunked", "torch_chunked"))),
+            memory_at_most(rows, linear, GPU_LINEAR, "bf16", "eager",
+                           f"{at} per-token peak extra memory <= 1/16 of eager", fraction=1 / 16),
+        ]
+    at = "CPU linear_logprobs N=8192 H=256 V=32000 fp32"
+    out = [
+        memory_at_most(rows, linear, CPU_LINEAR, "fp32", "eager",
+                       f"{at} per-token fwd+bwd peak extra memory <= 1/16 of eager",
+                       fraction=1 / 16),
+        faster(rows, linear, CPU_LINEAR, "fp32", "eager",
+               f"{at} per-token fwd+bwd no slower than eager", cpu=True, or_equal=True),
+    ]
+    for case, mode in ((linear, "per-token"), (mean, "mean (SFT)")):
+        out.append(faster(rows, case, CPU_LINEAR, "fp32", "torch_chunked",
+                          f"{at} {mode} fwd+bwd faster than torch_chunked", cpu=True))
+        out.append(memory_at_most(rows, case, CPU_LINEAR, "fp32", "torch_chunked",
+                                  f"{at} {mode} fwd+bwd peak extra memory <= torch_chunked's"))
     return out
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(bench=BENCH, plan=plan, make_case=make_case, targets=targets,
-                         script=os.path.abspath(__file__), description=__doc__.split("\n")[0]))
+    sys.exit(suite.bench_main(sys.modules[__name__]))

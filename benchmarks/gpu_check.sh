@@ -2,14 +2,16 @@
 # Everything that needs a GPU, in one go, on a lent GPU machine as it is (no network):
 #   1. install kernelrl in place (builds the CUDA extension);
 #   2. run the whole test suite (gpu-marked tests run when a GPU is present);
-#   3. run every benchmarks/bench_*.py with --device cuda;
-#   4. merge their JSON into benchmarks/results/<gpu-name-slug>-<YYYY-MM-DD>.json;
+#   3. run every benchmark family at the target shapes: benchmarks/run.py --full --device
+#      cuda, one JSON: benchmarks/results/<gpu-name-slug>-<YYYY-MM-DD>.json;
+#   4. kernelrl tune --device cuda: benchmarks/results/tune-<gpu-name-slug>-<YYYY-MM-DD>.json
+#      (the dispatch table's measurements; a failure here is reported, not fatal);
 #   5. copy the results and logs into "$OUT" when that variable is set.
 # It goes on to the benchmarks when the install or some tests fail, and exits non-zero at
-# the end if anything failed.
+# the end if the install, the tests or the benchmarks failed.
 #
-# Knobs (environment): SKIP_INSTALL=1, SKIP_TESTS=1, BENCH_ARGS="--cases token" (extra
-# arguments for every bench), PYTEST_ARGS="-x" (extra pytest arguments). Wheels placed in
+# Knobs (environment): SKIP_INSTALL=1, SKIP_TESTS=1, SKIP_TUNE=1, BENCH_ARGS="--cases token"
+# (extra arguments for run.py), PYTEST_ARGS="-x" (extra pytest arguments). Wheels placed in
 # .whl/ (for example liger-kernel, to compare against Liger) are installed offline first.
 set -euo pipefail
 
@@ -20,7 +22,7 @@ export PYTHONUNBUFFERED=1
 STAMP="$(date +%F)"
 WORK="$(mktemp -d /tmp/kernelrl-gpu-check.XXXXXX)"
 LOGS="$WORK/logs"
-mkdir -p "$LOGS" "$WORK/json" benchmarks/results
+mkdir -p "$LOGS" benchmarks/results
 failed=()
 
 echo "== environment" | tee "$LOGS/env.log"
@@ -68,36 +70,45 @@ if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
   fi
 fi
 
-echo "== benchmarks"
-: > "$LOGS/bench.log"
-for bench in benchmarks/bench_*.py; do
-  [[ -e "$bench" ]] || continue
-  name="$(basename "$bench" .py)"
-  echo "-- $name" | tee -a "$LOGS/bench.log"
-  set +e
-  # shellcheck disable=SC2086
-  "$PY" "$bench" --device cuda --out "$WORK/json/$name.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOGS/bench.log"
-  rc=${PIPESTATUS[0]}
-  set -e
-  if [[ $rc -ne 0 ]]; then
-    echo "!! $name exited $rc" | tee -a "$LOGS/bench.log"
-    failed+=("$name")
-  fi
-done
-
 SLUG="$("$PY" benchmarks/common.py gpu-slug)"
 RESULT="benchmarks/results/${SLUG}-${STAMP}.json"
-if compgen -G "$WORK/json/*.json" >/dev/null; then
-  "$PY" benchmarks/common.py merge "$RESULT" "$WORK"/json/*.json
-  echo "== wrote $RESULT"
-else
-  echo "!! no benchmark wrote JSON"
+TUNED="benchmarks/results/tune-${SLUG}-${STAMP}.json"
+
+echo "== benchmarks (run.py --full --device cuda)"
+set +e
+# shellcheck disable=SC2086
+"$PY" benchmarks/run.py --full --device cuda --out "$RESULT" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench.log"
+rc=${PIPESTATUS[0]}
+set -e
+if [[ $rc -ne 0 ]]; then
+  echo "!! benchmarks exited $rc" | tee -a "$LOGS/bench.log"
+  failed+=("benchmarks")
+elif [[ ! -f "$RESULT" ]]; then
+  echo "!! no benchmark JSON at $RESULT"
   failed+=("no-results")
+else
+  echo "== wrote $RESULT"
+fi
+
+if [[ "${SKIP_TUNE:-0}" != "1" ]]; then
+  echo "== kernelrl tune --device cuda"
+  set +e
+  "$PY" -m kernelrl tune --device cuda --out "$TUNED" 2>&1 | tee "$LOGS/tune.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  # The dispatch table is seeded from this file later; a failure is worth reading, but the
+  # benchmarks above stand without it, so it does not fail the check.
+  if [[ $rc -ne 0 ]]; then
+    echo "!! kernelrl tune exited $rc (not counted as a failure; see tune.log)"
+  else
+    echo "== wrote $TUNED"
+  fi
 fi
 
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
   [[ -f "$RESULT" ]] && cp "$RESULT" "$OUT/"
+  [[ -f "$TUNED" ]] && cp "$TUNED" "$OUT/"
   for f in "$LOGS"/*.log; do cp "$f" "$OUT/"; done
   echo "== copied results and logs to $OUT"
 fi

@@ -1,31 +1,18 @@
-"""Fast CPU tests of benchmarks/common.py, memory.py and report.py, plus a smoke run of
-bench_logprobs.py --quick."""
+"""Fast CPU tests of benchmarks/common.py, timing.py, memory.py and report.py, plus a
+smoke run of bench_logprobs.py on its own."""
 
-import importlib.util
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import BENCH_DIR
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH_DIR = REPO / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import common  # noqa: E402
-
-if Path(common.__file__).resolve().parent != BENCH_DIR:  # another 'common' got there first
-    _spec = importlib.util.spec_from_file_location("kernelrl_bench_common", BENCH_DIR / "common.py")
-    common = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(common)
-
-import memory  # noqa: E402
-import report  # noqa: E402
+import common
+import memory
+import report
+import timing
 
 
 def test_time_cpu_median_of_requested_runs(monkeypatch):
@@ -37,17 +24,19 @@ def test_time_cpu_median_of_requested_runs(monkeypatch):
         clock["t"] += durations[clock["calls"]]
         clock["calls"] += 1
 
-    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["t"])
-    res = common.time_cpu(fn, warmup=1, reps=7)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    res = timing.time_cpu(fn, warmup=1, reps=7)
     assert clock["calls"] == 8
     assert len(res["times_ms"]) == 7
     assert res["median_ms"] == pytest.approx(statistics.median(durations[1:]) * 1e3)
     assert res["median_ms"] == pytest.approx(4.0)  # the warm-up's 100 s is not counted
+    # spread = IQR / median; sorted runs 1,2,3,4,5,7,9 ms: Q1 = 2.5, Q3 = 6 (inclusive)
+    assert res["spread"] == pytest.approx((6.0 - 2.5) / 4.0)
 
 
 def test_time_cpu_real_clock_counts_calls():
     calls = []
-    res = common.time_cpu(lambda: calls.append(1), warmup=2, reps=5)
+    res = timing.time_cpu(lambda: calls.append(1), warmup=2, reps=5)
     assert len(calls) == 7 and len(res["times_ms"]) == 5
     assert res["median_ms"] == statistics.median(res["times_ms"]) >= 0
 
@@ -61,7 +50,7 @@ def test_time_cpu_interleaved_round_robin_and_errors():
     def broken():
         raise RuntimeError("boom")
 
-    res = common.time_cpu_interleaved({"a": make("a"), "b": make("b"), "bad": broken},
+    res = timing.time_cpu_interleaved({"a": make("a"), "b": make("b"), "bad": broken},
                                       warmup=1, reps=5)
     assert isinstance(res["bad"], RuntimeError)
     assert len(res["a"]["times_ms"]) == 5 and len(res["b"]["times_ms"]) == 5
@@ -69,6 +58,7 @@ def test_time_cpu_interleaved_round_robin_and_errors():
     timed = log[2:]  # after the warm-ups: each round runs a and b once, alternating first
     assert all(sorted(timed[i:i + 2]) == ["a", "b"] for i in range(0, 10, 2))
     assert timed[0] != timed[2]
+    assert res["a"]["paired"] and res["b"]["paired"]
 
 
 def _row(case, impl, ms, status="ok", dtype="bf16", shape=None):
@@ -99,7 +89,10 @@ def test_json_writer_schema_and_merge(tmp_path):
            "triton": "y", "kernelrl": "abc123"}
     ceilings = {"copy_gbps": 10.0, "bf16_tflops": None, "fp32_tflops": 0.1, "kind": "cpu"}
     rows = [_row("c", "kernelrl", 1.0), _row("c", "eager", 3.0)]
+    rows[0]["gbps"] = 4.0
     rep = report.build_report(env, ceilings, rows)
+    assert rows[0]["fraction_of_ceiling"] == pytest.approx(0.4)
+    assert rows[1]["fraction_of_ceiling"] is None  # no rate, no fraction
     out = tmp_path / "r.json"
     report.write_json(rep, out)
     data = json.loads(out.read_text())
@@ -148,17 +141,44 @@ def test_run_case_reports_failures_and_mismatches_as_rows():
     case = common.Case(bench="t", case_id="softmax", case="softmax fwd", shape={"N": 64, "V": 32},
                        dtype="fp32", make_inputs=make_inputs, impls=impls, check=check,
                        bytes_moved=2 * 64 * 32 * 4, device="cpu")
-    rows = {r["impl"]: r for r in common.run_case(case, {"copy_gbps": 10.0}, reps=5,
-                                                  measure_memory=False)}
+    rows = {r["impl"]: r for r in common.run_case(case, reps=5, measure_memory=False)}
     assert rows["eager"]["status"] == "ok" and rows["good"]["status"] == "ok"
     assert rows["good"]["median_ms"] > 0 and rows["good"]["gbps"] > 0
-    assert rows["good"]["fraction_of_ceiling"] == pytest.approx(rows["good"]["gbps"] / 10.0)
+    assert rows["good"]["paired"] and len(rows["good"]["times_ms"]) == 5
+    assert rows["good"]["spread"] is not None
     assert rows["wrong"]["status"] == "error" and "mismatch" in rows["wrong"]["error"]
     assert rows["crashes"]["status"] == "error" and "oom" in rows["crashes"]["error"]
     assert rows["missing"]["status"] == "error" and "not installed" in rows["missing"]["error"]
     assert rows["skipped"]["status"] == "skipped" and rows["skipped"]["note"] == "CUDA only"
     for name in ("wrong", "crashes", "missing", "skipped"):
         assert rows[name]["median_ms"] is None
+
+
+FAKE_CHILD = textwrap.dedent("""
+    import json, sys
+    spec = json.loads(sys.argv[2])                  # argv: --_child SPEC
+    with open({log!r}, "a") as f:
+        f.write(spec["impl"] + "\\n")
+    print(json.dumps({{"extra_bytes": {{"a": 100, "b": 200}}[spec["impl"]]}}))
+""")
+
+
+def test_cpu_memory_children_and_same_code_twin(tmp_path):
+    # Memory children are this bench script run with --_child; "twin" runs the same code as
+    # "a" (Impl.same_as), so it takes a's figure and costs no process of its own.
+    log = tmp_path / "calls.txt"
+    script = tmp_path / "fake_bench.py"
+    script.write_text(FAKE_CHILD.format(log=str(log)))
+    impls = {"a": common.Impl(lambda: None), "b": common.Impl(lambda: None),
+             "twin": common.Impl(lambda: None, same_as="a")}
+    case = common.Case(bench="t", case_id="c", case="c", shape={"N": 1}, dtype="fp32",
+                       make_inputs=lambda seed: {}, impls=impls)
+    rows = {n: common.make_row(case, n, median_ms=1.0) for n in impls}
+    common._cpu_memory(case, list(impls), rows, str(script), timeout=60, repeats=3, jobs=2)
+    assert sorted(log.read_text().split()) == ["a"] * 3 + ["b"] * 3
+    assert rows["a"]["peak_mem_bytes"] == 100 and rows["b"]["peak_mem_bytes"] == 200
+    assert rows["a"]["mem_detail"]["samples_extra_bytes"] == [100] * 3
+    assert rows["twin"]["peak_mem_bytes"] == 100 and "same code as a" in rows["twin"]["mem_method"]
 
 
 CHILD = textwrap.dedent("""
@@ -184,26 +204,26 @@ def test_fresh_subprocess_peak_rss_sees_200mb(tmp_path):
     assert small["extra_bytes"] < 50 * 2**20, small
 
 
-def test_bench_logprobs_quick_smoke(tmp_path):
+def test_bench_logprobs_runs_on_its_own(run_script, tmp_path):
+    # The bench file still runs by itself (the JSON only with --out), and serves as the
+    # memory child: one case, two implementations, memory off to stay fast.
     out = tmp_path / "quick.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    for var in ("TRITON_INTERPRET", "KERNELRL_BACKEND"):  # a plain user's run: default dispatch
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, str(BENCH_DIR / "bench_logprobs.py"), "--quick", "--device", "cpu",
-         "--impls", "kernelrl,eager", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    proc = run_script("bench_logprobs.py", "--quick", "--device", "cpu", "--cases", "linear_mean",
+                      "--impls", "kernelrl,eager", "--no-mem", "--reps", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["ceilings"]["kind"] == "cpu"
-    by_impl = {}
+    assert {r["impl"] for r in data["results"]} == {"kernelrl", "eager"}
     for r in data["results"]:
-        by_impl.setdefault(r["impl"], []).append(r)
-    for impl in ("kernelrl", "eager"):
-        assert by_impl.get(impl), f"no {impl} rows: {data['results']}"
-        for r in by_impl[impl]:
-            assert r["status"] == "ok", r
-            assert r["median_ms"] is not None and math.isfinite(r["median_ms"]) and r["median_ms"] > 0
-            assert r["peak_mem_bytes"] is not None
-    assert "MET" in proc.stdout or "NOT CHECKED" in proc.stdout
+        assert r["status"] == "ok", r
+        assert r["median_ms"] is not None and math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        assert len(r["times_ms"]) == 3
+    assert "[NOT CHECKED]" in proc.stdout  # targets are at the full shapes, not run here
+
+    child = run_script("bench_logprobs.py", "--_child", json.dumps(
+        {"case_id": "token", "shape": {"N": 64, "V": 1000}, "dtype": "fp32", "device": "cpu",
+         "impl": "eager"}))
+    res = json.loads(child.stdout.strip().splitlines()[-1])
+    assert "error" not in res, res
+    # eager holds at least the fp32 log-softmax of the [64, 1000] logits
+    assert res["extra_bytes"] >= 64 * 1000 * 4, res

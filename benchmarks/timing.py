@@ -1,0 +1,214 @@
+"""Timing and ceilings: how every benchmark number in ms, GB/s and % of ceiling is taken.
+
+GPU
+    ``triton.testing.do_bench`` (CUDA events; it clears L2 before each call), the function
+    cycling through several copies of the inputs (:func:`rotating`, :func:`n_input_copies`)
+    so that L2 does not serve them either.
+CPU
+    ``time.perf_counter``, median of ``reps`` (>= 5) runs after ``warmup`` (>= 1). The
+    implementations of a case are timed round-robin (:func:`time_cpu_interleaved`), so a
+    burst of load from elsewhere lands on all of them, and round ``i`` of one
+    implementation can be paired with round ``i`` of another (the CPU speed targets use the
+    median of those paired ratios).
+Spread
+    Every result carries ``spread``: the interquartile range of its runs over their median.
+    Two runs of the same code differ by about that much, so a ratio of two medians within
+    their combined spread is noise (``report.py`` marks it "~").
+Ceilings
+    Measured in the same run (``suite.py``: at its start and its end), the best of their
+    runs. GPU: a device-to-device copy (GB/s, bytes read + written) and a bf16 matmul
+    (TFLOP/s). CPU: a memcpy and an fp32 matmul, labelled as CPU figures wherever they are
+    printed; the bf16 ceiling is null on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+
+def relative_spread(times: Optional[list]) -> Optional[float]:
+    """(Q3 - Q1) / median of ``times``; None with fewer than 2 runs or a zero median.
+
+    The quartiles interpolate between runs ('inclusive' method), so 5 runs give a usable
+    figure: for sorted t1..t5 it is (t4 - t2) / t3."""
+    if not times or len(times) < 2:
+        return None
+    med = statistics.median(times)
+    if med <= 0:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / med
+
+
+def _result(times: list) -> dict:
+    return {"median_ms": statistics.median(times), "times_ms": times,
+            "spread": relative_spread(times)}
+
+
+def time_cpu(fn: Callable[[], Any], warmup: int = 1, reps: int = 5) -> dict:
+    """Median wall time of ``reps`` calls after ``warmup`` calls (time.perf_counter)."""
+    warmup, reps = max(1, int(warmup)), max(1, int(reps))
+    for _ in range(warmup):
+        out = fn()
+        del out
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        del out
+    return _result(times)
+
+
+def time_cpu_interleaved(calls: dict, warmup: int = 1, reps: int = 5,
+                         on_call: Optional[Callable[[str, str], None]] = None) -> dict:
+    """Like :func:`time_cpu` for several functions at once, timed round-robin: one call of
+    each per round, the starting one rotating. Returns name -> result dict (``times_ms[i]``
+    is round ``i``, and ``paired`` says every round was timed), or the exception that
+    function raised. ``on_call(name, phase)`` is told before each call (for a progress
+    bar)."""
+    warmup, reps = max(1, int(warmup)), max(1, int(reps))
+    results: dict = {}
+    times: dict = {n: [] for n in calls}
+    alive = list(calls)
+    for n in list(alive):
+        try:
+            for _ in range(warmup):
+                if on_call:
+                    on_call(n, "warm-up")
+                out = calls[n]()
+                del out
+        except Exception as e:
+            results[n] = e
+            alive.remove(n)
+    for r in range(reps):
+        k = r % len(alive) if alive else 0
+        for n in alive[k:] + alive[:k]:
+            if n in results:
+                continue
+            try:
+                if on_call:
+                    on_call(n, f"round {r + 1}/{reps}")
+                t0 = time.perf_counter()
+                out = calls[n]()
+                times[n].append((time.perf_counter() - t0) * 1e3)
+                del out
+            except Exception as e:
+                results[n] = e
+    for n in alive:
+        if n not in results:
+            results[n] = dict(_result(times[n]), paired=True)
+    return results
+
+
+def time_gpu(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100,
+             min_reps: int = 10) -> dict:
+    """Median time of ``fn`` by triton.testing.do_bench (CUDA events; do_bench also clears
+    L2 before each call), and the spread of its runs. ``rep_ms`` grows so that at
+    least ``min_reps`` calls are timed."""
+    import torch
+    import triton.testing
+
+    # One call by hand to learn the scale, so slow cases still get >= min_reps samples.
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = start.elapsed_time(end)
+    rep = max(rep_ms, min_reps * estimate)
+    warm = max(warmup_ms, 2 * estimate)
+    times = [float(t) for t in triton.testing.do_bench(fn, warmup=warm, rep=rep,
+                                                        return_mode="all")]
+    # Hundreds of runs: the JSON keeps their count, not the list.
+    return dict(_result(times), times_ms=None, n_runs=len(times), estimate_ms=estimate)
+
+
+def rotating(fn: Callable[[dict], Any], input_sets: list) -> Callable[[], Any]:
+    """A no-argument function that calls ``fn`` on the next input set each time."""
+    state = {"i": 0}
+
+    def call():
+        x = input_sets[state["i"] % len(input_sets)]
+        state["i"] += 1
+        return fn(x)
+
+    return call
+
+
+def n_input_copies(set_bytes: int, device: str, max_copies: int = 8) -> int:
+    """How many copies of one input set to rotate through: on a GPU enough to overflow L2
+    four times (at least 2), as long as they take at most a quarter of the GPU memory; on a
+    CPU one (its caches are small next to these inputs)."""
+    if not str(device).startswith("cuda") or set_bytes <= 0:
+        return 1
+    import torch
+    props = torch.cuda.get_device_properties(torch.device(device))
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
+    n = max(2, min(max_copies, math.ceil(4 * l2 / set_bytes)))
+    while n > 1 and n * set_bytes > props.total_memory // 4:
+        n -= 1
+    return n
+
+
+def measure_ceilings(device: str, quick: bool = False) -> dict:
+    """Copy bandwidth and matmul throughput measured now, on this device: the best of the
+    runs, not their median (a ceiling is what the machine can do; a run slowed by outside
+    load says nothing about that, and a ceiling measured low would put rows above 100%).
+
+    GPU: device-to-device copy of 1 GiB (GB/s counts bytes read + written) and a bf16
+    8192^3 matmul; ``quick``: 64 MiB and 2048^3. CPU: memcpy of 256 MiB and an fp32 2048^3
+    matmul, labelled as CPU figures (sizes past the caches, cheap enough to keep in quick).
+    """
+    import torch
+    if str(device).startswith("cuda"):
+        nbytes = (64 if quick else 1024) * 2**20
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+        dst = torch.empty_like(src)
+        t = _best_gpu(lambda: dst.copy_(src))
+        copy_gbps = 2 * nbytes / (t * 1e-3) / 1e9
+        del src, dst
+        n = 2048 if quick else 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        t = _best_gpu(lambda: a @ b)
+        bf16_tflops = 2 * n**3 / (t * 1e-3) / 1e12
+        del a, b
+        torch.cuda.empty_cache()
+        return {
+            "copy_gbps": copy_gbps, "bf16_tflops": bf16_tflops, "fp32_tflops": None,
+            "kind": "gpu",
+            "note": f"GPU: best run of a device-to-device copy of {nbytes / 2**20:.0f} MiB "
+                    f"(read+write bytes), of a bf16 matmul {n}^3",
+        }
+    nbytes = 256 * 2**20
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = min(time_cpu(lambda: dst.copy_(src), warmup=1, reps=5)["times_ms"])
+    copy_gbps = 2 * nbytes / (t * 1e-3) / 1e9
+    del src, dst
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = min(time_cpu(lambda: a @ b, warmup=1, reps=5)["times_ms"])
+    fp32_tflops = 2 * n**3 / (t * 1e-3) / 1e12
+    return {
+        "copy_gbps": copy_gbps, "bf16_tflops": None, "fp32_tflops": fp32_tflops,
+        "kind": "cpu",
+        "note": f"CPU figures, not GPU: best of 5 runs of a memcpy of {nbytes / 2**20:.0f} MiB "
+                f"(read+write bytes), of an fp32 matmul {n}^3 with {torch.get_num_threads()} "
+                "threads",
+    }
+
+
+def _best_gpu(fn: Callable[[], Any]) -> float:
+    import triton.testing
+    return min(float(t) for t in triton.testing.do_bench(fn, return_mode="all"))
+
+
+def matmul_ceiling_tflops(ceilings: dict, dtype: str) -> Optional[float]:
+    return {"bf16": ceilings.get("bf16_tflops"), "fp32": ceilings.get("fp32_tflops")}.get(dtype)
