@@ -13,6 +13,7 @@ from kernelrl.ops.linear_logprobs import linear_logprobs
 from kernelrl.ops.group_advantages import group_advantages
 from kernelrl.ops.preference import dpo_loss, reward_loss
 from kernelrl.ops.advantages import Advantages, kl_penalized_advantages
+from kernelrl.ops.ppo_loss import ppo_loss
 
 __all__ = ["token_logprobs", "linear_logprobs", "group_advantages", "dpo_loss", "reward_loss",
-           "kl_penalized_advantages", "Advantages"]
+           "kl_penalized_advantages", "Advantages", "ppo_loss"]
