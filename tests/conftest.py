@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernelrl import backend  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -33,20 +32,3 @@ def _clean_backend_env(monkeypatch):
     """Each test starts with no forced backend and debug checks off."""
     monkeypatch.delenv("KERNELRL_BACKEND", raising=False)
     monkeypatch.delenv("KERNELRL_DEBUG", raising=False)
-
-
-def _device_param(name):
-    return pytest.param(name, marks=pytest.mark.gpu) if name == "cuda" else name
-
-
-DEVICES = [_device_param("cpu"), _device_param("cuda")]
-
-
-def use_backend(monkeypatch, name: str, device: str, op: str = "token_logprobs",
-                dtype: torch.dtype = torch.float32) -> None:
-    """Force backend `name` for this test, or skip with the reason it cannot run here."""
-    spec = backend.registered_ops()[op]
-    ok, why = backend.availability(name, torch.device(device), dtype, spec)
-    if not ok:
-        pytest.skip(f"{name} backend unavailable for {op} on {device}: {why}")
-    monkeypatch.setenv("KERNELRL_BACKEND", name)

@@ -7,7 +7,9 @@ import statistics
 import textwrap
 
 import pytest
-from conftest import BENCH_DIR
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 import common
 import memory

@@ -9,7 +9,9 @@ import json
 import re
 
 import pytest
-from conftest import BENCH_DIR
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 import report
 import suite

@@ -114,17 +114,6 @@ def check_against_reference(inputs, outs, partials, tol=1e-5, **kw):
     assert torch.all(white[mask == 0] == 0)
 
 
-@pytest.fixture(params=["auto", "generic"])
-def isa(request, monkeypatch):
-    """Runs a test on the dispatched ISA (AVX2 where available) and on the baseline path."""
-    if request.param == "generic":
-        monkeypatch.setenv("KERNELRL_CPU_ISA", "generic")
-        assert native.cpu_isa() == "generic"
-    else:
-        monkeypatch.delenv("KERNELRL_CPU_ISA", raising=False)
-    return native.cpu_isa()
-
-
 # ---- CUDA entry points on a machine without a GPU ------------------------------------------------
 
 

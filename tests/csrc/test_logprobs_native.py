@@ -155,17 +155,6 @@ def make_inputs(n, v, dtype, scale=3.0, n_ignored=2, bad_label=True, gen=None):
     return x, labels
 
 
-@pytest.fixture(params=["auto", "generic"])
-def isa(request, monkeypatch):
-    """Runs a test on the dispatched ISA (AVX2 where available) and on the baseline path."""
-    if request.param == "generic":
-        monkeypatch.setenv("KERNELRL_CPU_ISA", "generic")
-        assert native.cpu_isa() == "generic"
-    else:
-        monkeypatch.delenv("KERNELRL_CPU_ISA", raising=False)
-    return native.cpu_isa()
-
-
 # ---- CUDA entry points on a machine without a GPU ------------------------------------------------
 
 

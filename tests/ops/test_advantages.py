@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, use_backend
+from backends import DEVICES, use_backend
 from kernelrl import backend
 from kernelrl.backend import BackendError
 from kernelrl.ops.advantages import (Advantages, kl_penalized_advantages,

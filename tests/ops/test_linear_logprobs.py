@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICES, use_backend
+from backends import DEVICES, use_backend
 from kernelrl.ops import linear_logprobs
 import importlib
 linear_module = importlib.import_module("kernelrl.ops.linear_logprobs")

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, use_backend
+from backends import DEVICES, use_backend
 from kernelrl.backend import BackendError
 from kernelrl.ops import token_logprobs
 from kernelrl.ops.logprobs import token_logprobs_reference

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import use_backend
+from backends import use_backend
 from kernelrl import backend
 from kernelrl.ops import linear_logprobs, token_logprobs
 

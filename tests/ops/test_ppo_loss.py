@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, use_backend
+from backends import DEVICES, use_backend
 from kernelrl import backend
 from kernelrl.ops.ppo_loss import AGG_MODES, ppo_loss, ppo_loss_reference
 from numerics import check

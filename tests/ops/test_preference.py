@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import use_backend
+from backends import use_backend
 from kernelrl import backend
 from kernelrl.backend import BackendError
 from kernelrl.ops.preference import LOSS_TYPES, dpo_loss, reward_loss
