@@ -210,10 +210,11 @@ def _free(device: str) -> None:
 def run_case(case: Case, *, impls_filter: Optional[set] = None,
              warmup: int = 1, reps: int = 5, measure_memory: bool = True,
              child_script: Optional[str] = None, child_timeout: float = 900,
-             mem_repeats: int = 1, mem_jobs: int = 1) -> list:
+             mem_repeats: int = 1, mem_jobs: int = 1, mem_skip: frozenset = frozenset()) -> list:
     """Check, time and measure every implementation of one case; return its result rows
     (a backend that cannot run here comes back as a "not_run" row, which the report keeps
-    apart from the results)."""
+    apart from the results). ``mem_skip``: implementations whose CPU peak memory is not
+    measured (their row says so)."""
     device = case.device
     rows: dict = {}
     names = [n for n in case.impls if impls_filter is None or n in impls_filter]
@@ -251,8 +252,10 @@ def run_case(case: Case, *, impls_filter: Optional[set] = None,
     fns.clear()
     _free(device)
     if measure_memory and not is_cuda(device) and child_script:
-        _cpu_memory(case, [n for n in order if rows[n]["status"] == "ok"], rows, child_script,
-                    child_timeout, mem_repeats, mem_jobs)
+        for name in mem_skip & set(order):
+            rows[name]["mem_method"] = "not measured in this run (--full measures it)"
+        _cpu_memory(case, [n for n in order if rows[n]["status"] == "ok" and n not in mem_skip],
+                    rows, child_script, child_timeout, mem_repeats, mem_jobs)
     return [rows[n] for n in names if n in rows]
 
 

@@ -153,7 +153,10 @@ def run_suite(families: list, *, device: str, quick: bool, impls: Optional[set] 
             rows.extend(common.run_case(
                 case, impls_filter=impls, warmup=warmup, reps=max(1, reps),
                 measure_memory=measure_memory, child_script=family.__file__,
-                mem_repeats=mem_repeats, mem_jobs=mem_jobs))
+                mem_repeats=mem_repeats, mem_jobs=mem_jobs,
+                # a fresh process recompiles torch.compile's graph: seconds per case, so
+                # the default (light) run leaves that figure to --full
+                mem_skip=frozenset({"compile"}) if quick else frozenset()))
             if common.is_cuda(device):
                 torch.cuda.empty_cache()
     ceilings = _ceilings(device, quick, ceilings)

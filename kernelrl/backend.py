@@ -424,7 +424,16 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     return _select(op, device, dtype)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (about
+    a second, on every ``import kernelrl.ops``): its whole effect is this marker, which
+    dynamo reads while tracing. tests/ops/test_logprobs_autograd.py compiles through
+    select() with fullgraph=True, so a change in torch fails there, not silently."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _select_traced(op: str, device_type: str, index, dtype: torch.dtype) -> str:
     return _select(op, torch.device(device_type, index), dtype)
 

@@ -1,4 +1,4 @@
-"""Comparison against float64 references, per ../shared/DESIGN.md's testing rules.
+"""Comparison against float64 references, by the testing rules of docs/architecture.md.
 
 Two bounds for every checked tensor:
   1. relative norm error ‖out − ref‖ / ‖ref‖ under the dtype's target
