@@ -341,9 +341,11 @@ class LinearLogprobSumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_temperature, ignore_index, chunk,
-                backend):
+                backend, grad_enabled):
         n, vocab = hidden.shape[0], weight.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # needs_input_grad is set even under torch.no_grad(): evaluation must not pay for
+        # gradients, so the caller's grad mode comes in as ``grad_enabled``
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         kernels = row_kernels(backend)
         rows = max(1, min(n, chunk))
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -371,7 +373,8 @@ class LinearLogprobSumFunction(torch.autograd.Function):
         del buf
         ctx.save_for_backward(hidden, weight, bias)
         ctx.grads = (grad_h, grad_w, grad_b)
-        ctx.mark_non_differentiable(total) if not (need_h or need_w or need_b) else None
+        if not (need_h or need_w or need_b):
+            ctx.mark_non_differentiable(total)
         return total
 
     @staticmethod
@@ -387,7 +390,7 @@ class LinearLogprobSumFunction(torch.autograd.Function):
         scale = grad_total.to(grads[0].dtype if grads[0] is not None else
                               (grads[1] if grads[1] is not None else grads[2]).dtype)
         out = tuple(None if g is None else g.mul_(scale) for g in grads)
-        return out + (None,) * 5
+        return out + (None,) * 6
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -425,7 +428,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     chunk = chunk_size or default_chunk_size(rows.shape[0], vocab, hidden.device, scalar)
     if scalar:
         logp = LinearLogprobSumFunction.apply(rows, weight, bias, flat_labels, inv_temperature,
-                                              ignore_index, chunk, backend)
+                                              ignore_index, chunk, backend,
+                                              torch.is_grad_enabled())
         if reduction == "mean":
             logp = logp / (flat_labels != ignore_index).sum().clamp(min=1)  # stays on device
         return logp

@@ -315,3 +315,30 @@ def test_memory_stays_bounded_for_the_smallest_chunk(monkeypatch, reduction):
     inputs_and_grads = 2 * (n * width + vocab * width) * 4 + n * 8
     bound = inputs_and_grads + 4 * vocab * 4 + 24 * n * 8      # a tile, O(N) vectors
     assert mode.peak <= bound, f"peak live {mode.peak} bytes > bound {bound}"
+
+
+def test_scalar_path_under_no_grad_computes_no_gradients(monkeypatch):
+    """Evaluation (torch.no_grad) must not pay for the gradients the scalar path would
+    otherwise compute during the forward: one matmul (the logits), no gradient matmuls."""
+    use_backend(monkeypatch, "native", "cpu", op="linear_logprobs")
+    hidden, weight, _, labels = make_inputs(64, 16, 3000, torch.float32, "cpu", bias=False)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    class Matmuls(TorchDispatchMode):
+        calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "mm" in func.__name__:
+                Matmuls.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Matmuls():
+        linear_logprobs(hidden, weight, labels, reduction="mean")
+    assert len(Matmuls.calls) == 3          # with gradients: logits, grad_hidden, grad_weight
+    Matmuls.calls = []
+    with torch.no_grad(), Matmuls():
+        loss = linear_logprobs(hidden, weight, labels, reduction="mean")
+    assert len(Matmuls.calls) == 1, Matmuls.calls
+    ref = linear_logprobs_reference(hidden.double(), weight.double(), labels)
+    check("loss", loss.reshape(1), ref[labels != -100].mean().reshape(1), None, torch.float32)
