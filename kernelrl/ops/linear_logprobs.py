@@ -65,10 +65,11 @@ import torch.nn.functional as F
 
 from kernelrl import backend as _backend
 from kernelrl.ops._autograd import first_order_only
-from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_choice, check_labels,
+from kernelrl.ops._checks import (FLOAT_DTYPES, check_choice, check_labels,
                                   check_labels_in_range, check_same_device, check_temperature,
                                   check_tensor)
-from kernelrl.ops.logprobs import row_kernels, token_logprobs_reference
+from kernelrl.ops.logprobs import (ROW_IMPLEMENTATIONS, ROW_SKIP, row_kernels,
+                                  token_logprobs_reference)
 
 __all__ = ["linear_logprobs", "linear_logprobs_reference", "default_chunk_size", "tile_shape"]
 
@@ -387,9 +388,7 @@ class LinearLogprobSumFunction(torch.autograd.Function):
                 "(the gradients computed in forward are consumed by the first backward; "
                 "use reduction='none' and reduce yourself for retain_graph=True)")
         ctx.grads = None
-        scale = grad_total.to(grads[0].dtype if grads[0] is not None else
-                              (grads[1] if grads[1] is not None else grads[2]).dtype)
-        out = tuple(None if g is None else g.mul_(scale) for g in grads)
+        out = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads)
         return out + (None,) * 6
 
 
@@ -462,12 +461,5 @@ def _examples(device: torch.device, dtype: torch.dtype) -> list:
     return out
 
 
-_backend.register_op(
-    "linear_logprobs",
-    {"native": _backend.Implementation(KERNEL_DTYPES, row_kernels("native")),
-     "triton": _backend.Implementation(KERNEL_DTYPES, row_kernels("triton")),
-     "torch": _backend.Implementation(FLOAT_DTYPES, row_kernels("torch"))},
-    # CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
-    # CUDA: the kernels compile but have not yet been benchmarked on a GPU.
-    skip=_backend.not_yet_measured("cuda", "native", "triton"),
-    examples=_examples, fn=linear_logprobs)
+_backend.register_op("linear_logprobs", ROW_IMPLEMENTATIONS, skip=ROW_SKIP,
+                     examples=_examples, fn=linear_logprobs)

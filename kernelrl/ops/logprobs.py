@@ -529,15 +529,19 @@ def _examples(device: torch.device, dtype: torch.dtype) -> list:
     return out
 
 
-_backend.register_op(
-    "token_logprobs",
-    {"native": _backend.Implementation(KERNEL_DTYPES, row_kernels("native")),
-     "triton": _backend.Implementation(KERNEL_DTYPES, row_kernels("triton")),
-     "torch": _backend.Implementation(FLOAT_DTYPES, row_kernels("torch"))},
-    # CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
-    # CUDA: the kernels compile but have not yet been benchmarked on a GPU.
-    skip=_backend.not_yet_measured("cuda", "native", "triton"),
-    examples=_examples, fn=token_logprobs)
+#: The row kernels of every backend with the dtypes each takes; linear_logprobs registers
+#: the same implementations and default-path skips, since it runs these kernels tile by tile.
+ROW_IMPLEMENTATIONS = {
+    "native": _backend.Implementation(KERNEL_DTYPES, row_kernels("native")),
+    "triton": _backend.Implementation(KERNEL_DTYPES, row_kernels("triton")),
+    "torch": _backend.Implementation(FLOAT_DTYPES, row_kernels("torch")),
+}
+# CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
+# CUDA: the kernels compile but have not yet been benchmarked on a GPU.
+ROW_SKIP = _backend.not_yet_measured("cuda", "native", "triton")
+
+_backend.register_op("token_logprobs", ROW_IMPLEMENTATIONS, skip=ROW_SKIP,
+                     examples=_examples, fn=token_logprobs)
 
 #: Signatures for compiling every Triton kernel here ahead of time (tests/ops).
 AOT_SIGNATURES = {
