@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, on a lent GPU machine as it is (no network):
 #   1. install kernelrl in place (builds the CUDA extension);
-#   2. run the whole test suite (gpu-marked tests run when a GPU is present);
-#   3. run every benchmark family at the target shapes: benchmarks/run.py --full --device
-#      cuda, one JSON: benchmarks/results/<gpu-name-slug>-<YYYY-MM-DD>.json;
+#   2. run the test suite (gpu-marked tests run when a GPU is present);
+#   3. run every benchmark family at the target shapes, in two passes so that the fast one
+#      comes back first: every implementation but torch.compile, then torch.compile (whose
+#      first compile of a long unrolled loop can take minutes); merged into one JSON,
+#      benchmarks/results/<gpu-name-slug>-<YYYY-MM-DD>.json;
 #   4. kernelrl tune --device cuda: benchmarks/results/tune-<gpu-name-slug>-<YYYY-MM-DD>.json
 #      (the dispatch table's measurements; a failure here is reported, not fatal);
-#   5. copy the results and logs into "$OUT" when that variable is set.
+#   5. with "$OUT" set, the logs are written there as they grow and each result is copied
+#      there as soon as it exists, so a run cut short still returns what it finished.
 # It goes on to the benchmarks when the install or some tests fail, and exits non-zero at
 # the end if the install, the tests or the benchmarks failed.
 #
-# Knobs (environment): SKIP_INSTALL=1, SKIP_TESTS=1, SKIP_TUNE=1, BENCH_ARGS="--cases token"
-# (extra arguments for run.py), PYTEST_ARGS="-x" (extra pytest arguments). Wheels placed in
+# Knobs (environment): SKIP_INSTALL=1, SKIP_TESTS=1, SKIP_TUNE=1, SKIP_COMPILE=1,
+# BENCH_ARGS="--cases token" (extra arguments for run.py), PYTEST_ARGS="-m gpu -n 8" (extra
+# pytest arguments), and time limits in seconds per stage: INSTALL_TIMEOUT (300),
+# TESTS_TIMEOUT (1200), BENCH_TIMEOUT (900, each pass), TUNE_TIMEOUT (600). Wheels placed in
 # .whl/ (for example liger-kernel, to compare against Liger) are installed offline first.
 set -euo pipefail
 
@@ -21,7 +26,7 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 STAMP="$(date +%F)"
 WORK="$(mktemp -d /tmp/kernelrl-gpu-check.XXXXXX)"
-LOGS="$WORK/logs"
+LOGS="${OUT:-$WORK/logs}"
 mkdir -p "$LOGS" benchmarks/results
 failed=()
 
@@ -47,7 +52,8 @@ fi
 if [[ "${SKIP_INSTALL:-0}" != "1" ]]; then
   echo "== install (builds the CUDA extension)"
   set +e
-  "$PY" -m pip install --no-deps --no-build-isolation -e . 2>&1 | tee "$LOGS/install.log"
+  timeout "${INSTALL_TIMEOUT:-300}" "$PY" -m pip install --no-deps --no-build-isolation -e . 2>&1 \
+    | tee "$LOGS/install.log"
   rc=${PIPESTATUS[0]}
   set -e
   if [[ $rc -ne 0 ]]; then
@@ -61,7 +67,8 @@ if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
   echo "== tests"
   set +e
   # shellcheck disable=SC2086
-  "$PY" -m pytest -q ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/tests.log"
+  timeout "${TESTS_TIMEOUT:-1200}" "$PY" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+    | tee "$LOGS/tests.log"
   rc=${PIPESTATUS[0]}
   set -e
   if [[ $rc -ne 0 ]]; then
@@ -74,26 +81,50 @@ SLUG="$("$PY" benchmarks/common.py gpu-slug)"
 RESULT="benchmarks/results/${SLUG}-${STAMP}.json"
 TUNED="benchmarks/results/tune-${SLUG}-${STAMP}.json"
 
-echo "== benchmarks (run.py --full --device cuda)"
-set +e
-# shellcheck disable=SC2086
-"$PY" benchmarks/run.py --full --device cuda --out "$RESULT" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench.log"
-rc=${PIPESTATUS[0]}
-set -e
-if [[ $rc -ne 0 ]]; then
-  echo "!! benchmarks exited $rc" | tee -a "$LOGS/bench.log"
-  failed+=("benchmarks")
-elif [[ ! -f "$RESULT" ]]; then
-  echo "!! no benchmark JSON at $RESULT"
-  failed+=("no-results")
+save() {  # copy a finished result into $OUT at once
+  [[ -n "${OUT:-}" && -f "$1" ]] && cp "$1" "$OUT/" || true
+}
+
+bench_pass() {  # bench_pass NAME JSON IMPLS: one run.py --full pass, its own log
+  local name="$1" json="$2" impls="$3" rc
+  echo "== benchmarks, $name (run.py --full --device cuda --impls $impls)"
+  set +e
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-900}" "$PY" benchmarks/run.py --full --device cuda --impls "$impls" \
+    --out "$json" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench-$name.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [[ $rc -ne 0 || ! -f "$json" ]]; then
+    echo "!! benchmarks ($name) exited $rc" | tee -a "$LOGS/bench-$name.log"
+    return 1
+  fi
+}
+
+parts=()
+if bench_pass kernels "$WORK/bench-kernels.json" \
+    "kernelrl,kernelrl[native],kernelrl[triton],kernelrl[torch],eager,torch_chunked,liger"; then
+  parts+=("$WORK/bench-kernels.json")
+  cp "$WORK/bench-kernels.json" "$RESULT"; save "$RESULT"
 else
-  echo "== wrote $RESULT"
+  failed+=("benchmarks")
 fi
+if [[ "${SKIP_COMPILE:-0}" != "1" ]]; then
+  if bench_pass compile "$WORK/bench-compile.json" "compile"; then
+    parts+=("$WORK/bench-compile.json")
+  else
+    failed+=("benchmarks-compile")
+  fi
+fi
+if [[ ${#parts[@]} -gt 1 ]]; then
+  "$PY" benchmarks/common.py merge "$RESULT" "${parts[@]}" && save "$RESULT"
+fi
+[[ -f "$RESULT" ]] && echo "== wrote $RESULT"
 
 if [[ "${SKIP_TUNE:-0}" != "1" ]]; then
   echo "== kernelrl tune --device cuda"
   set +e
-  "$PY" -m kernelrl tune --device cuda --out "$TUNED" 2>&1 | tee "$LOGS/tune.log"
+  timeout "${TUNE_TIMEOUT:-600}" "$PY" -m kernelrl tune --device cuda --out "$TUNED" 2>&1 \
+    | tee "$LOGS/tune.log"
   rc=${PIPESTATUS[0]}
   set -e
   # The dispatch table is seeded from this file later; a failure is worth reading, but the
@@ -101,16 +132,8 @@ if [[ "${SKIP_TUNE:-0}" != "1" ]]; then
   if [[ $rc -ne 0 ]]; then
     echo "!! kernelrl tune exited $rc (not counted as a failure; see tune.log)"
   else
-    echo "== wrote $TUNED"
+    echo "== wrote $TUNED"; save "$TUNED"
   fi
-fi
-
-if [[ -n "${OUT:-}" ]]; then
-  mkdir -p "$OUT"
-  [[ -f "$RESULT" ]] && cp "$RESULT" "$OUT/"
-  [[ -f "$TUNED" ]] && cp "$TUNED" "$OUT/"
-  for f in "$LOGS"/*.log; do cp "$f" "$OUT/"; done
-  echo "== copied results and logs to $OUT"
 fi
 
 if [[ ${#failed[@]} -gt 0 ]]; then
