@@ -1,0 +1,1 @@
+"""Thin nn.Modules over kernelrl.ops."""
