@@ -2,21 +2,25 @@
 # Everything that needs a GPU, in one go, on a lent GPU machine as it is (no network):
 #   1. install kernelrl in place (builds the CUDA extension);
 #   2. run the test suite (gpu-marked tests run when a GPU is present);
-#   3. run every benchmark family at the target shapes, in two passes so that the fast one
+#   3. kernelrl tune --device cuda: benchmarks/results/tune-<gpu-name-slug>-<YYYY-MM-DD>.json
+#      (the dispatch table's measurements; a failure here is reported, not fatal). It also
+#      writes the user's tuned file, so the benchmarks' plain "kernelrl" row below is what
+#      dispatch picks after `kernelrl tune` (kernelrl[native], kernelrl[triton] and
+#      kernelrl[torch] are each backend forced);
+#   4. run every benchmark family at the target shapes, in two passes so that the fast one
 #      comes back first: every implementation but torch.compile, then torch.compile (whose
 #      first compile of a long unrolled loop can take minutes); merged into one JSON,
 #      benchmarks/results/<gpu-name-slug>-<YYYY-MM-DD>.json;
-#   4. kernelrl tune --device cuda: benchmarks/results/tune-<gpu-name-slug>-<YYYY-MM-DD>.json
-#      (the dispatch table's measurements; a failure here is reported, not fatal);
 #   5. with "$OUT" set, the logs are written there as they grow and each result is copied
 #      there as soon as it exists, so a run cut short still returns what it finished.
 # It goes on to the benchmarks when the install or some tests fail, and exits non-zero at
 # the end if the install, the tests or the benchmarks failed.
 #
 # Knobs (environment): SKIP_INSTALL=1, SKIP_TESTS=1, SKIP_TUNE=1, SKIP_COMPILE=1,
+# COMPILE_FAMILIES="logprobs ppo_loss" (the families of the torch.compile pass; default all),
 # BENCH_ARGS="--cases token" (extra arguments for run.py), PYTEST_ARGS="-m gpu -n 8" (extra
 # pytest arguments), and time limits in seconds per stage: INSTALL_TIMEOUT (300),
-# TESTS_TIMEOUT (1200), BENCH_TIMEOUT (900, each pass), TUNE_TIMEOUT (600). Wheels placed in
+# TESTS_TIMEOUT (1200), TUNE_TIMEOUT (600), BENCH_TIMEOUT (900, each pass). Wheels placed in
 # .whl/ (for example liger-kernel, to compare against Liger) are installed offline first.
 set -euo pipefail
 
@@ -85,13 +89,30 @@ save() {  # copy a finished result into $OUT at once
   [[ -n "${OUT:-}" && -f "$1" ]] && cp "$1" "$OUT/" || true
 }
 
-bench_pass() {  # bench_pass NAME JSON IMPLS: one run.py --full pass, its own log
+if [[ "${SKIP_TUNE:-0}" != "1" ]]; then
+  echo "== kernelrl tune --device cuda"
+  set +e
+  timeout "${TUNE_TIMEOUT:-600}" "$PY" -m kernelrl tune --device cuda --out "$TUNED" 2>&1 \
+    | tee "$LOGS/tune.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  # The dispatch table is seeded from this file later; a failure is worth reading, but the
+  # benchmarks stand without it, so it does not fail the check.
+  if [[ $rc -ne 0 ]]; then
+    echo "!! kernelrl tune exited $rc (not counted as a failure; see tune.log)"
+  else
+    echo "== wrote $TUNED"; save "$TUNED"
+  fi
+fi
+
+bench_pass() {  # bench_pass NAME JSON IMPLS [FAMILY...]: one run.py --full pass, its own log
   local name="$1" json="$2" impls="$3" rc
+  shift 3
   echo "== benchmarks, $name (run.py --full --device cuda --impls $impls)"
   set +e
   # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-900}" "$PY" benchmarks/run.py --full --device cuda --impls "$impls" \
-    --out "$json" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench-$name.log"
+  timeout "${BENCH_TIMEOUT:-900}" "$PY" benchmarks/run.py "$@" --full --device cuda \
+    --impls "$impls" --out "$json" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench-$name.log"
   rc=${PIPESTATUS[0]}
   set -e
   if [[ $rc -ne 0 || ! -f "$json" ]]; then
@@ -109,7 +130,8 @@ else
   failed+=("benchmarks")
 fi
 if [[ "${SKIP_COMPILE:-0}" != "1" ]]; then
-  if bench_pass compile "$WORK/bench-compile.json" "compile"; then
+  # shellcheck disable=SC2086
+  if bench_pass compile "$WORK/bench-compile.json" "compile" ${COMPILE_FAMILIES:-}; then
     parts+=("$WORK/bench-compile.json")
   else
     failed+=("benchmarks-compile")
@@ -119,22 +141,6 @@ if [[ ${#parts[@]} -gt 1 ]]; then
   "$PY" benchmarks/common.py merge "$RESULT" "${parts[@]}" && save "$RESULT"
 fi
 [[ -f "$RESULT" ]] && echo "== wrote $RESULT"
-
-if [[ "${SKIP_TUNE:-0}" != "1" ]]; then
-  echo "== kernelrl tune --device cuda"
-  set +e
-  timeout "${TUNE_TIMEOUT:-600}" "$PY" -m kernelrl tune --device cuda --out "$TUNED" 2>&1 \
-    | tee "$LOGS/tune.log"
-  rc=${PIPESTATUS[0]}
-  set -e
-  # The dispatch table is seeded from this file later; a failure is worth reading, but the
-  # benchmarks above stand without it, so it does not fail the check.
-  if [[ $rc -ne 0 ]]; then
-    echo "!! kernelrl tune exited $rc (not counted as a failure; see tune.log)"
-  else
-    echo "== wrote $TUNED"; save "$TUNED"
-  fi
-fi
 
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "== FAILED: ${failed[*]}"

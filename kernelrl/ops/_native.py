@@ -40,8 +40,11 @@ def launch(device: torch.device, cpu_fn: Callable, cuda_fn: Callable, *args) -> 
     count following ``torch.get_num_threads()``, or ``cuda_fn(*args, stream)`` on the
     current stream of ``device``."""
     if device.type == "cuda":
-        with torch.cuda.device(device):
+        if device.index is None or device.index == torch.cuda.current_device():
             cuda_fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            with torch.cuda.device(device):
+                cuda_fn(*args, torch.cuda.current_stream(device).cuda_stream)
         return
     lib = library()
     threads = torch.get_num_threads()

@@ -11,13 +11,28 @@ def downcast(x, DTYPE: tl.constexpr):
     A GPU rounds fp32 -> bf16 to nearest even; the Triton interpreter truncates. Rounding
     the bits here first (a few integer ops, free in a memory-bound kernel) gives the same,
     correctly rounded result on both, so interpreter tests check GPU numerics. Inf and NaN
-    survive; a finite value past the bf16 range rounds to inf as it should.
+    survive; a finite value past the bf16 range rounds to inf as it should. NaN is passed
+    through untouched: the rounding add would carry a NaN with a full mantissa (a GPU's
+    canonical NaN is 0x7FFFFFFF) into the sign bit and make it -0.
     """
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(DTYPE)
+
+
+@triton.jit
+def exp_fp64(x):
+    """e^x for fp32 x, through float64, rounded to fp32: correctly rounded in practice.
+
+    A GPU's tl.exp is exp2(x·log2 e) on the fast approximate unit: its relative error grows
+    with |x| (the product's rounding is multiplied by the exponent) to several fp32 ulps at
+    |x| ≈ 3, and a sum of many such terms inherits the bias. For per-token math on [B, T]
+    tensors (one exp per element of a memory-bound kernel) the float64 path costs nothing
+    measurable; the vocabulary-wide softmax kernels keep tl.exp.
+    """
+    return tl.exp(x.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit

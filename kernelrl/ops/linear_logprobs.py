@@ -106,9 +106,11 @@ def default_chunk_size(n_tokens: int, vocab: int, device: torch.device,
 def tile_shape(n_tokens: int, vocab: int, chunk: int) -> tuple[int, int]:
     """(Nt rows, Vt columns) of the per-token path's tiles for a budget of chunk·V logits.
 
-    Vt is at most 4096 columns, or all of V; Nt = budget / Vt rows, at least 1, at most N.
-    A budget that covers all N rows at that width widens the blocks instead (to a
-    multiple of 64 columns), so a GPU-sized budget gives one row block.
+    Vt is at most 4096 columns, or all of V; Nt ≈ budget / Vt rows, at least 1, at most N,
+    evened out over the row blocks (never a sliver of a last block: 16384 rows at a budget
+    of 16376 are two blocks of 8192, not 16376 + 8). A budget that covers all N rows at
+    that width widens the blocks instead (to a multiple of 64 columns), so a GPU-sized
+    budget gives one row block.
     """
     budget = max(1, chunk) * vocab
     n = max(n_tokens, 1)
@@ -116,7 +118,8 @@ def tile_shape(n_tokens: int, vocab: int, chunk: int) -> tuple[int, int]:
     if budget // n > width:          # all rows fit: widen the blocks instead
         width = min(vocab, max(width, budget // n // 64 * 64))
     rows = max(1, min(n, budget // width))
-    return rows, width
+    blocks = -(-n // rows)
+    return -(-n // blocks), width
 
 
 def _spans(total: int, step: int):
@@ -307,7 +310,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
                     inv_temperature, ignore_index, vocab, v0)                    # in place
                 if need_w and w_acc is not None:
                     blk = w_acc[: v1 - v0]
-                    if k == 0:
+                    if fp32_out:         # 16-bit matmul, float32 accumulation and output
+                        if k == 0:
+                            blk.zero_()
+                        torch.addmm(blk, tile.t(), hidden[r0:r1], out_dtype=torch.float32,
+                                    out=blk)
+                    elif k == 0:
                         torch.mm(tile.t().float(), hidden[r0:r1].float(), out=blk)
                     else:
                         blk.addmm_(tile.t().float(), hidden[r0:r1].float())

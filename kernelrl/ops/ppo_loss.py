@@ -70,7 +70,7 @@ from kernelrl import backend as _backend
 from kernelrl.ops._autograd import first_order_only
 from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_choice,
                                   check_same_device, check_tensor)
-from kernelrl.ops._triton_utils import downcast
+from kernelrl.ops._triton_utils import downcast, exp_fp64
 
 __all__ = ["ppo_loss", "ppo_loss_reference", "AGG_MODES", "PPOLossFunction"]
 
@@ -291,7 +291,7 @@ def _k3(k):
         s = c - k * s
         c = c * n                              # 1/(n−1)!
     s = 0.5 - k * s
-    return tl.where(tl.abs(k) < 2.0, k * k * s, tl.exp(-k) - 1.0 + k)
+    return tl.where(tl.abs(k) < 2.0, k * k * s, exp_fp64(-k) - 1.0 + k)
 
 
 @triton.jit
@@ -314,7 +314,7 @@ def _token_terms(lp_ptr, old_ptr, adv_ptr, mask_ptr, val_ptr, oldval_ptr, ret_pt
     # -- policy: max(−A·r, −A·clip(r)), then the dual clip; "<"/">" are false on NaN,
     #    so a NaN ratio or advantage stays in l (and in its gradient)
     d = lp - old
-    r = tl.exp(d)
+    r = exp_fp64(d)
     l1 = -a * r
     l2 = -a * tl.where(r < lo, lo, tl.where(r > hi, hi, r))
     clipped = l2 > l1
@@ -330,14 +330,14 @@ def _token_terms(lp_ptr, old_ptr, adv_ptr, mask_ptr, val_ptr, oldval_ptr, ret_pt
     # -- truncated importance weight (detached): w = min(exp(old − rollout), C)
     if HAS_TIS:
         roll = tl.load(roll_ptr + offs, mask=lane, other=0.0).to(tl.float32)
-        w = tl.exp(old - roll)
+        w = exp_fp64(old - roll)
         truncated = w > tis_cap
         w = tl.where(truncated, tis_cap, w)
     # -- k3 KL to the reference, and its gradient 1 − exp(−k)
     if HAS_REF:
         k = lp - tl.load(ref_ptr + offs, mask=lane, other=0.0).to(tl.float32)
         k3 = _k3(k)
-        g_kl = 1.0 - tl.exp(-k)
+        g_kl = (1.0 - tl.exp(-k.to(tl.float64))).to(tl.float32)
     # -- value: ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²), exactly V inside the range
     if HAS_VALUES:
         v = tl.load(val_ptr + offs, mask=lane, other=0.0).to(tl.float32)
