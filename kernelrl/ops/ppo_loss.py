@@ -173,19 +173,22 @@ def ppo_loss_reference(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2
 # backward computed while the forward has every term at hand (backward: one multiply)
 # ---------------------------------------------------------------------------------------
 
-def _torch_fwd(x: PPOInputs, cfg: PPOConfig, need_grads: bool):
-    """-> (row sums [B, NCOLS] float64, tensors saved for :func:`_torch_bwd`). On a CPU,
+def _torch_fwd(x: PPOInputs, cfg: PPOConfig, need_grads: bool, present: tuple, dtype):
+    """-> (loss, stats, ω, vf_scale) as :func:`_finish` gives them from the float64 row sums
+    [B, NCOLS], then the tensors saved for :func:`_torch_bwd`. On a CPU,
     rows of ~2^17 tokens at a time, so that the ~40 elementwise passes run in cache (PPO
     fwd+bwd at B=256, T=2048 on one thread: 12 ms so, 20 ms on whole tensors; 2^16: 15,
     2^18: 13). One chunk on a GPU, or when compiled (the passes are fused then)."""
     B, T = x.logprobs.shape
     step = max(1, (1 << 17) // max(T, 1))
     if x.logprobs.device.type != "cpu" or torch.compiler.is_compiling() or step >= B:
-        return _torch_rows(x, cfg, need_grads)
-    parts = [_torch_rows(PPOInputs(*(None if t is None else t[i:i + step] for t in x)), cfg,
-                         need_grads) for i in range(0, B, step)]
-    saved = [None if s[0] is None else torch.cat(s) for s in zip(*(p[1] for p in parts))]
-    return torch.cat([p[0] for p in parts]), tuple(saved)
+        rows, saved = _torch_rows(x, cfg, need_grads)
+    else:
+        parts = [_torch_rows(PPOInputs(*(None if t is None else t[i:i + step] for t in x)),
+                             cfg, need_grads) for i in range(0, B, step)]
+        saved = tuple(None if s[0] is None else torch.cat(s) for s in zip(*(p[1] for p in parts)))
+        rows = torch.cat([p[0] for p in parts])
+    return (*_finish(rows, cfg, present, dtype), saved)
 
 
 def _torch_rows(x: PPOInputs, cfg: PPOConfig, need_grads: bool):
@@ -404,6 +407,63 @@ def _ppo_fwd_kernel(
 
 
 @triton.jit
+def _ppo_finish_kernel(
+    part_ptr,              # [B, P, NCOLS] fp64: the forward's masked sums per (row, tile)
+    loss_ptr,              # [] out dtype, out
+    stats_ptr,             # [NCOLS] out dtype, out (entry j: COLUMNS[j])
+    omega_ptr,             # [B] out dtype, out: the row weights ω_b
+    vf_scale_ptr,          # [] out dtype, out: vf_coef / Σ m
+    B, P,
+    row_scale,             # 1/(B·L) for the token-sum modes (L = 1 or norm_length)
+    vf_coef, entropy_coef, kl_loss_coef,     # 0 for a term that is absent
+    NCOLS: tl.constexpr, COLS: tl.constexpr, BLOCK_B: tl.constexpr, AGG: tl.constexpr,
+):
+    """One program: the scalars of ``_finish`` from the partial sums, in float64, so that
+    the forward is two launches and no torch op on the host (AGG: index in AGG_MODES)."""
+    cols = tl.arange(0, COLS)
+    col_ok = cols < NCOLS
+    # -- pass 1: totals over rows and tiles, then 1/Σm (1 when no token counts)
+    totals = tl.zeros([COLS], tl.float64)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        ok = (rows < B)[:, None] & col_ok[None, :]
+        for p in range(0, P):
+            x = tl.load(part_ptr + (rows[:, None] * P + p) * NCOLS + cols[None, :], mask=ok,
+                        other=0.0)
+            totals += tl.sum(x, axis=0)
+    n = tl.sum(tl.where(cols == 0, totals, 0.0), axis=0)
+    inv_n = 1.0 / tl.where(n == 0, 1.0, n)
+    # -- pass 2: ω_b per row, and Σ_b ω_b·S_b
+    aggregated = tl.zeros([COLS], tl.float64)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        ok = row_ok[:, None] & col_ok[None, :]
+        s = tl.zeros([BLOCK_B, COLS], tl.float64)
+        for p in range(0, P):
+            s += tl.load(part_ptr + (rows[:, None] * P + p) * NCOLS + cols[None, :], mask=ok,
+                         other=0.0)
+        if AGG == 0:
+            omega = inv_n + tl.zeros([BLOCK_B], tl.float64)
+        elif AGG == 1:
+            n_b = tl.sum(tl.where(cols[None, :] == 0, s, 0.0), axis=1)
+            omega = 1.0 / (tl.where(n_b == 0, 1.0, n_b) * B)
+        else:
+            omega = row_scale + tl.zeros([BLOCK_B], tl.float64)
+        aggregated += tl.sum(omega[:, None] * s, axis=0)
+        tl.store(omega_ptr + rows, omega.to(omega_ptr.dtype.element_ty), mask=row_ok)
+    # -- pg_loss, entropy and kl_loss aggregated by agg; the others token means
+    by_agg = (cols == 1) | (cols == 7) | (cols == 8)
+    stats = tl.where(by_agg, aggregated, totals * inv_n)
+    tl.store(stats_ptr + cols, stats.to(stats_ptr.dtype.element_ty), mask=col_ok)
+    coef = tl.where(cols == 1, 1.0, tl.where(cols == 5, vf_coef, tl.where(
+        cols == 7, -entropy_coef, tl.where(cols == 8, kl_loss_coef, 0.0))))
+    loss = tl.sum(tl.where(coef != 0, coef * stats, 0.0), axis=0)
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(vf_scale_ptr, (inv_n * vf_coef).to(vf_scale_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _ppo_bwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, val_ptr, oldval_ptr, ret_ptr, ent_ptr, ref_ptr,
     roll_ptr,              # as in _ppo_fwd_kernel
@@ -457,17 +517,30 @@ def _operands(x: PPOInputs):
     return tuple(x.logprobs if t is None else t for t in tensors), flags
 
 
-def _triton_fwd(x: PPOInputs, cfg: PPOConfig, need_grads: bool):
+def _triton_fwd(x: PPOInputs, cfg: PPOConfig, need_grads: bool, present: tuple, dtype):
     B, T = x.logprobs.shape
+    device = x.logprobs.device
     block, warps = _launch_config(T)
     P = triton.cdiv(T, block)
-    part = torch.empty(B, P, NCOLS, dtype=torch.float64, device=x.logprobs.device)
+    part = torch.empty(B, P, NCOLS, dtype=torch.float64, device=device)
     if B and P:
         ptrs, flags = _operands(x)
         _ppo_fwd_kernel[(B, P)](
             *ptrs, part, T, P, cfg.lo, cfg.hi, cfg.dual_clip, cfg.value_clip, cfg.tis_cap,
             NCOLS=NCOLS, BLOCK_T=block, num_warps=warps, **flags)
-    return part.sum(1), ()
+    if not (B and P):
+        return (*_finish(part.sum(1), cfg, present, dtype), ())
+    loss, stats = torch.empty((), dtype=dtype, device=device), torch.empty(NCOLS, dtype=dtype,
+                                                                           device=device)
+    omega, vf_scale = torch.empty(B, dtype=dtype, device=device), torch.empty((), dtype=dtype,
+                                                                              device=device)
+    coefs = [c if given else 0.0 for c, given in zip(
+        (cfg.vf_coef, cfg.entropy_coef, cfg.kl_loss_coef), present)]
+    _ppo_finish_kernel[(1,)](
+        part, loss, stats, omega, vf_scale, B, P, _row_scale(cfg, B, T), *coefs,
+        NCOLS=NCOLS, COLS=triton.next_power_of_2(NCOLS), BLOCK_B=_FINISH_ROWS,
+        AGG=AGG_MODES.index(cfg.agg), num_warps=4)
+    return loss, stats, omega, vf_scale, ()
 
 
 def _triton_bwd(x: PPOInputs, saved, cfg: PPOConfig, grad_loss, omega, vf_scale, needs):
@@ -487,7 +560,8 @@ def _triton_bwd(x: PPOInputs, saved, cfg: PPOConfig, grad_loss, omega, vf_scale,
 
 
 # A backend's passes, (fwd, bwd):
-#   fwd(inputs, cfg, need_grads) -> (row sums [B, NCOLS] float64, tensors to save)
+#   fwd(inputs, cfg, need_grads, present, out dtype) -> (loss [], stats [NCOLS], ω [B],
+#       vf_scale [], tensors to save); present: values, entropy, ref_logprobs given
 #   bwd(inputs, saved, cfg, grad_loss [], ω [B], vf_scale [], needs: 3 bools) -> the
 #       gradients of grad_loss·loss for (logprobs, values, entropy), None where not needed
 _KERNELS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd)}
@@ -496,6 +570,16 @@ _KERNELS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_b
 # ---------------------------------------------------------------------------------------
 # the scalars from the row sums (a few ops on [B, NCOLS], shared by the backends)
 # ---------------------------------------------------------------------------------------
+
+_FINISH_ROWS = 64     # rows per step of the one-program finish kernel
+
+
+def _row_scale(cfg: PPOConfig, B: int, T) -> float:
+    """ω_b of the token-sum modes: 1/B, or 1/(B·norm_length) for seq-mean-token-sum-norm
+    (``norm_length`` is already resolved to T when not given)."""
+    return 1.0 / (max(B, 1) * (cfg.norm_length if cfg.agg == "seq-mean-token-sum-norm"
+                               else 1.0))
+
 
 def _finish(rows: torch.Tensor, cfg: PPOConfig, present: tuple, dtype: torch.dtype):
     """float64 row sums [B, NCOLS] -> (loss [], stats [NCOLS] (entry j: COLUMNS[j]), ω [B],
@@ -509,8 +593,8 @@ def _finish(rows: torch.Tensor, cfg: PPOConfig, present: tuple, dtype: torch.dty
     elif cfg.agg == "seq-mean-token-mean":
         omega = 1.0 / (_safe(rows[:, 0]) * max(B, 1))
     else:
-        scale = max(B, 1) * (cfg.norm_length if cfg.agg == "seq-mean-token-sum-norm" else 1.0)
-        omega = torch.full((B,), 1.0 / scale, dtype=torch.float64, device=rows.device)
+        omega = torch.full((B,), _row_scale(cfg, B, None), dtype=torch.float64,
+                           device=rows.device)
     means, aggregated = totals * inv_n, omega @ rows
     # columns 1, 7, 8 (pg_loss, entropy, kl_loss) are aggregated, the others token means
     stats = torch.cat([means[:1], aggregated[1:2], means[2:7], aggregated[7:9], means[9:]])
@@ -530,10 +614,10 @@ class PPOLossFunction(torch.autograd.Function):
     def forward(ctx, cfg, backend, *tensors):
         x = PPOInputs(*tensors)
         needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[6], ctx.needs_input_grad[9])
-        rows, saved = _KERNELS[backend][0](x, cfg, any(needs))
         present = (x.values is not None, x.entropy is not None, x.ref_logprobs is not None)
         out_dtype = torch.float64 if x.logprobs.dtype == torch.float64 else torch.float32
-        loss, stats, omega, vf_scale = _finish(rows, cfg, present, out_dtype)
+        loss, stats, omega, vf_scale, saved = _KERNELS[backend][0](x, cfg, any(needs), present,
+                                                                   out_dtype)
         ctx.save_for_backward(*tensors, omega, vf_scale, *saved)
         ctx.config = (cfg, backend, len(tensors))
         ctx.mark_non_differentiable(stats)
@@ -654,7 +738,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps
     given = {"vf_loss": values, "vf_clipfrac": values, "entropy": entropy,
              "kl_loss": ref_logprobs, "tis_weight_mean": rollout_logprobs,
              "tis_clipfrac": rollout_logprobs}
-    return loss, {name: stats[j] for j, name in enumerate(COLUMNS)
+    values_ = stats.unbind(0)      # one op for all eleven views
+    return loss, {name: values_[j] for j, name in enumerate(COLUMNS)
                   if j and given.get(name, logprobs) is not None}
 
 
@@ -706,4 +791,11 @@ AOT_SIGNATURES = {
          "omega_stride": "i32", **_SCALARS, "entropy_coef": "fp32", "kl_loss_coef": "fp32",
          **{n: "constexpr" for n in ("BLOCK_T",) + _FLAGS + _GRADS}},
         [{"BLOCK_T": 1024, **_PPO}, {"BLOCK_T": 256, **_GRPO}]),
+    "_ppo_finish_kernel": (
+        {"part_ptr": "*fp64", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "omega_ptr": "*fp32",
+         "vf_scale_ptr": "*fp32", "B": "i32", "P": "i32", "row_scale": "fp64",
+         "vf_coef": "fp32", "entropy_coef": "fp32", "kl_loss_coef": "fp32",
+         **{n: "constexpr" for n in ("NCOLS", "COLS", "BLOCK_B", "AGG")}},
+        [{"NCOLS": NCOLS, "COLS": 16, "BLOCK_B": _FINISH_ROWS, "AGG": agg}
+         for agg in range(len(AGG_MODES))]),
 }
