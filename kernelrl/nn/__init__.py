@@ -1,1 +1,5 @@
 """Thin nn.Modules over kernelrl.ops."""
+
+from kernelrl.nn.lora import LoRAAdapters, LoRALinear
+
+__all__ = ["LoRAAdapters", "LoRALinear"]
