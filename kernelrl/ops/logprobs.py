@@ -537,8 +537,10 @@ ROW_IMPLEMENTATIONS = {
     "torch": _backend.Implementation(FLOAT_DTYPES, row_kernels("torch")),
 }
 # CPU: bench_logprobs shows the C++ kernels faster than the torch path, so native leads.
-# CUDA: the kernels compile but have not yet been benchmarked on a GPU.
-ROW_SKIP = _backend.not_yet_measured("cuda", "native", "triton")
+# CUDA: on an H200 (benchmarks/results/nvidia-h200-2026-11-30.json) native and Triton are
+# both 4-15x faster than the torch path; the built-in table picks per dtype there, and other
+# GPUs take the default order (native first) until `kernelrl tune` measures them.
+ROW_SKIP: dict = {}
 
 _backend.register_op("token_logprobs", ROW_IMPLEMENTATIONS, skip=ROW_SKIP,
                      examples=_examples, fn=token_logprobs)
