@@ -1,0 +1,192 @@
+"""ppo_loss's autograd.Function and public op; registers the backends (see the package
+docstring for the math)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernelrl import backend as _backend
+from kernelrl.ops._autograd import first_order_only
+from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_choice,
+                                  check_same_device, check_tensor)
+from kernelrl.ops.ppo_loss.common import AGG_MODES, COLUMNS, PPOConfig, PPOInputs
+from kernelrl.ops.ppo_loss.torch_impl import _torch_bwd, _torch_fwd
+from kernelrl.ops.ppo_loss.triton_impl import _triton_bwd, _triton_fwd
+
+# A backend's passes, (fwd, bwd):
+#   fwd(inputs, cfg, need_grads, present, out dtype) -> (loss [], stats [NCOLS], ω [B],
+#       vf_scale [], tensors to save); present: values, entropy, ref_logprobs given
+#   bwd(inputs, saved, cfg, grad_loss [], ω [B], vf_scale [], needs: 3 bools) -> the
+#       gradients of grad_loss·loss for (logprobs, values, entropy), None where not needed
+_KERNELS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd)}
+
+
+
+class PPOLossFunction(torch.autograd.Function):
+    """(cfg, backend, *PPOInputs) -> (loss [], stats [NCOLS]); gradients to logprobs,
+    values and entropy. First-order only (the backward is a fused pass)."""
+
+    @staticmethod
+    def forward(ctx, cfg, backend, *tensors):
+        x = PPOInputs(*tensors)
+        needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[6], ctx.needs_input_grad[9])
+        present = (x.values is not None, x.entropy is not None, x.ref_logprobs is not None)
+        out_dtype = torch.float64 if x.logprobs.dtype == torch.float64 else torch.float32
+        loss, stats, omega, vf_scale, saved = _KERNELS[backend][0](x, cfg, any(needs), present,
+                                                                   out_dtype)
+        ctx.save_for_backward(*tensors, omega, vf_scale, *saved)
+        ctx.config = (cfg, backend, len(tensors))
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @first_order_only("ppo_loss")
+    def backward(ctx, grad_loss, grad_stats):
+        cfg, backend, n = ctx.config
+        saved = ctx.saved_tensors
+        x, (omega, vf_scale), rest = PPOInputs(*saved[:n]), saved[n:n + 2], saved[n + 2:]
+        needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[6], ctx.needs_input_grad[9])
+        g_lp, g_v, g_ent = _KERNELS[backend][1](x, rest, cfg, grad_loss, omega, vf_scale,
+                                                needs)
+        return (None, None, g_lp, None, None, None, g_v, None, None, g_ent, None, None)
+
+
+
+# ---------------------------------------------------------------------------------------
+# the public op
+# ---------------------------------------------------------------------------------------
+
+def _number(name: str, value, low: float = -math.inf, strict: bool = False) -> float:
+    """A finite Python number, >= ``low`` (> ``low`` when ``strict``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a Python number, got {type(value).__name__}")
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name}: expected a finite number{bound}, got {value}")
+    return float(value)
+
+
+def _check_inputs(x: PPOInputs) -> None:
+    check_tensor("logprobs", x.logprobs, dtypes=FLOAT_DTYPES, ndim=2)
+    shape = x.logprobs.shape
+    for name, t in zip(PPOInputs._fields[1:], x[1:]):
+        if t is None:
+            continue
+        check_tensor(name, t, dtypes=None if name == "mask" else FLOAT_DTYPES)
+        if t.dtype.is_complex:
+            raise ValueError(f"mask: expected a bool, integer or float dtype, got {t.dtype}")
+        check_same_device(name, t, x.logprobs.device)
+        allowed = (shape, shape[:1]) if name == "advantages" else (shape,)
+        if t.shape not in allowed:
+            raise ValueError(f"{name}: expected shape " + " or ".join(
+                str(tuple(a)) for a in allowed) + f" (as logprobs), got {tuple(t.shape)}")
+    given = {n: getattr(x, n) is not None for n in ("values", "old_values", "returns")}
+    if any(given.values()) and not all(given.values()):
+        raise ValueError("values, old_values, returns: expected all three or none, got "
+                         + ", ".join(f"{n}={'given' if g else 'None'}" for n, g in given.items()))
+
+
+def _config(x: PPOInputs, clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef,
+            entropy_coef, kl_loss_coef, agg, norm_length, tis_cap) -> PPOConfig:
+    """The scalar arguments checked (ValueError naming the argument) into a PPOConfig."""
+    check_choice("agg", agg, AGG_MODES)
+    clip_eps = _number("clip_eps", clip_eps, 0.0)
+    high = clip_eps if clip_eps_high is None else _number("clip_eps_high", clip_eps_high, 0.0)
+    if tis_cap is not None and x.rollout_logprobs is None:
+        raise ValueError("tis_cap: given without rollout_logprobs (the weights it caps)")
+    if norm_length is not None and agg != "seq-mean-token-sum-norm":
+        raise ValueError(f"norm_length: used only with agg='seq-mean-token-sum-norm', "
+                         f"got agg={agg!r}")
+    for name, coef, what in (("entropy_coef", entropy_coef, "entropy"),
+                             ("kl_loss_coef", kl_loss_coef, "ref_logprobs")):
+        if _number(name, coef) != 0 and getattr(x, what) is None:
+            raise ValueError(f"{name}: is {coef} but {what} was not given")
+    T = x.logprobs.shape[1]
+    return PPOConfig(
+        lo=1.0 - clip_eps, hi=1.0 + high,
+        dual_clip=math.inf if dual_clip is None else _number("dual_clip", dual_clip, 1.0, True),
+        value_clip=_number("value_clip", value_clip, 0.0), vf_coef=_number("vf_coef", vf_coef),
+        entropy_coef=float(entropy_coef), kl_loss_coef=float(kl_loss_coef),
+        tis_cap=math.inf if tis_cap is None else _number("tis_cap", tis_cap, 0.0, True),
+        agg=agg, norm_length=(float(T or 1) if norm_length is None
+                              else _number("norm_length", norm_length, 0.0, True)))
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
+             dual_clip=None, values=None, old_values=None, returns=None, value_clip=0.2,
+             vf_coef=0.1, entropy=None, entropy_coef=0.0, ref_logprobs=None, kl_loss_coef=0.0,
+             agg="token-mean", norm_length=None, rollout_logprobs=None, tis_cap=None):
+    """The clipped PPO policy loss with optional value, entropy and k3 KL terms, forward and
+    backward fused (the math: the module docstring).
+
+    Args:
+        logprobs: [B, T] float32, float16 or bfloat16 (float64: torch backend) log-probs
+            of the sampled tokens under the policy being trained. Gets gradients.
+        old_logprobs: [B, T], under the policy that sampled. advantages: [B, T], or [B]
+            (one per sequence, GRPO). mask: [B, T] bool, integer or float, 0 on padding,
+            else the token's weight.
+        clip_eps, clip_eps_high: the ratio is clipped to [1 − clip_eps, 1 + clip_eps_high]
+            (clip_eps_high defaults to clip_eps). dual_clip: c > 1 caps a term with A < 0
+            at −c·A (None: no cap).
+        values, old_values, returns: [B, T], all or none: the value term, a token mean
+            times vf_coef, clipped by value_clip. ``values`` gets gradients.
+        entropy: [B, T], for − entropy_coef·agg(entropy). Gets gradients.
+        ref_logprobs: [B, T], for + kl_loss_coef·agg(k3).
+        agg: one of AGG_MODES; norm_length: the constant of "seq-mean-token-sum-norm"
+            (default T).
+        rollout_logprobs: [B, T] from the rollout engine (vLLM, ...): each policy term is
+            weighted by min(exp(old_logprobs − rollout_logprobs), tis_cap), detached
+            (tis_cap None: not truncated).
+
+    Returns:
+        (loss, stats): loss 0-d float32 (float64 for float64 logprobs); stats a dict of
+        detached 0-d tensors, no host sync: clipfrac, approx_kl, ratio_mean, pg_loss, and
+        vf_loss, vf_clipfrac, entropy, kl_loss, tis_weight_mean, tis_clipfrac when their
+        inputs are given.
+    """
+    x = PPOInputs(logprobs, old_logprobs, advantages, mask, values, old_values, returns,
+                  entropy, ref_logprobs, rollout_logprobs)
+    _check_inputs(x)
+    cfg = _config(x, clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef, entropy_coef,
+                  kl_loss_coef, agg, norm_length, tis_cap)
+    backend = _backend.select("ppo_loss", logprobs.device, logprobs.dtype)
+    loss, stats = PPOLossFunction.apply(cfg, backend,
+                                        *(None if t is None else t.contiguous() for t in x))
+    given = {"vf_loss": values, "vf_clipfrac": values, "entropy": entropy,
+             "kl_loss": ref_logprobs, "tis_weight_mean": rollout_logprobs,
+             "tis_clipfrac": rollout_logprobs}
+    values_ = stats.unbind(0)      # one op for all eleven views
+    return loss, {name: values_[j] for j, name in enumerate(COLUMNS)
+                  if j and given.get(name, logprobs) is not None}
+
+
+def _examples(device: torch.device, dtype: torch.dtype) -> list:
+    """For ``kernelrl tune``, at B = 256, T = 2048: PPO (token advantages, values, entropy,
+    KL, dual clip) and GRPO (sequence advantages, KL, seq-mean-token-mean)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0, grad=False):
+        t = torch.randn(*shape, device=device, generator=gen) * scale
+        return t.to(dtype).requires_grad_(grad)
+
+    B, T = 256, 2048
+    lp, old, mask = rand(B, T, scale=0.1, grad=True), rand(B, T, scale=0.1), rand(B, T) > -0.8
+    ppo = dict(values=rand(B, T, grad=True), old_values=rand(B, T), returns=rand(B, T),
+               entropy=rand(B, T, grad=True), entropy_coef=0.01,
+               ref_logprobs=rand(B, T, scale=0.1), kl_loss_coef=0.05, dual_clip=3.0)
+    grpo = dict(ref_logprobs=rand(B, T, scale=0.1), kl_loss_coef=0.04,
+                agg="seq-mean-token-mean")
+    return [(f"PPO B={B} T={T}", (lp, old, rand(B, T), mask), ppo),
+            (f"GRPO B={B} T={T}", (lp, old, rand(B), mask), grpo)]
+
+
+_backend.register_op(
+    "ppo_loss",
+    {"triton": _backend.Implementation(KERNEL_DTYPES, _KERNELS["triton"]),
+     "torch": _backend.Implementation(FLOAT_DTYPES, _KERNELS["torch"])},
+    # CUDA: on an H200 the Triton passes are 2-4x faster than the torch path
+    # (benchmarks/results/nvidia-h200-2026-11-30.json), so nothing is skipped.
+    examples=_examples, fn=ppo_loss)
+
