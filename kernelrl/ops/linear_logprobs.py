@@ -28,22 +28,25 @@ kernel, and used twice, vocabulary block by vocabulary block:
 That is 4 matmuls of 2·N·H·V flops (1 forward, 3 backward) against eager's 3, traded for
 never holding an N×V tensor.
 
-Scalar path (reduction="sum" or "mean" without entropy, float32/float64 inputs). The
+Scalar path (reduction="sum" or "mean" without entropy; float32/float64 inputs, and
+16-bit ones on a GPU). The
 upstream gradient of a sum is one scalar c, so the gradients are c times those of the
 plain sum, and can be computed exactly during the forward sweep, over Nt full-vocabulary
 rows at a time (Nt·V ≈ L): tile = hidden[r0:r1] @ weight.T, row kernel forward (stats),
 row kernel backward with g = 1 in place, then grad_hidden[r0:r1] = G @ weight and
 grad_weight += G.T @ hidden[r0:r1]. Backward only scales the stored gradients by c, in
-place: 3 matmuls, no recompute. (16-bit inputs take the per-token path: accumulating
-grad_weight over row chunks would need a float32 V×H buffer.) The stored gradients are
-consumed by the first backward; a second one (``retain_graph=True``) raises.
+place: 3 matmuls, no recompute. 16-bit inputs accumulate grad_weight, grad_hidden and
+grad_bias in float32 (a V×H float32 buffer: the price of the fourth matmul saved) and round
+once in backward; that needs matmuls writing float32 from 16-bit inputs, so on a CPU they
+take the per-token path. The stored gradients are consumed by the first backward; a second
+one (``retain_graph=True``) raises.
 
 Peak extra memory (beyond inputs, outputs and N-sized vectors): one tile of L logits in
 the input dtype (+ ~3 float32 copies of it on the torch backend), a [Vt, H] float32 block
 accumulator and an N×H float32 accumulator for 16-bit inputs: O(L + N·H). The scalar
-path holds grad_weight and grad_hidden (float32/float64, the size of the outputs) from
-the forward to the backward. The default L is 2^26 logits on a GPU and 2^20 on a CPU
-(2^22 for the scalar path).
+path holds grad_weight and grad_hidden (float32/float64, the size of the outputs; float32
+for 16-bit inputs) from the forward to the backward. The default L is 2^26 logits on a GPU (2^28 for the scalar
+path) and 2^20 on a CPU (2^22 for the scalar path).
 
 Labels: ``ignore_index`` rows give 0 and no gradient. A label outside [0, V) that is not
 ``ignore_index`` gives a NaN log-prob and a NaN gradient for its row of the logits; that
@@ -90,10 +93,12 @@ _MAX_BLOCK = 4096     # vocabulary columns per tile: wide enough for full-speed 
 
 
 def _budget(device: torch.device, scalar: bool) -> int:
-    """Default tile budget L in logits: 2^26 on a GPU; on a CPU 2^20 (4 MiB of float32,
-    cache-sized), 2^22 for the scalar path, whose tiles span the whole vocabulary."""
+    """Default tile budget L in logits: on a GPU 2^26, 2^28 for the scalar path (its tiles
+    span the whole vocabulary, and each row block adds one float32 pass over the V×H
+    grad_weight accumulator for 16-bit inputs: 2^28 keeps those passes to a few); on a CPU
+    2^20 (4 MiB of float32, cache-sized), 2^22 for the scalar path."""
     if device.type == "cuda":
-        return 1 << 26
+        return 1 << (28 if scalar else 26)
     return 1 << (22 if scalar else 20)
 
 
@@ -346,7 +351,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
 class LinearLogprobSumFunction(torch.autograd.Function):
     """Σ_i logp_i over non-ignored rows -> a 0-d tensor; gradients (for an upstream c = 1)
     are computed in forward, over full-vocabulary row tiles, and scaled by c in backward.
-    Float32/float64 only. First-order only; the first backward consumes the gradients."""
+    Float32/float64; 16-bit on a GPU whose matmuls write float32 from 16-bit inputs, where
+    grad_hidden, grad_weight and grad_bias accumulate in float32 and round once, after the
+    scaling. First-order only; the first backward consumes the gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_temperature, ignore_index, chunk,
@@ -357,9 +364,11 @@ class LinearLogprobSumFunction(torch.autograd.Function):
         need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         kernels = row_kernels(backend)
         rows = max(1, min(n, chunk))
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
+        low = hidden.dtype in (torch.float16, torch.bfloat16)      # float32 accumulators
+        acc = torch.float32 if low else hidden.dtype
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=hidden.device) if need_b else None
         total = torch.zeros((), dtype=torch.float64 if hidden.dtype == torch.float64
                             else torch.float32, device=hidden.device)
         buf = torch.empty(rows * vocab if n else 0, dtype=hidden.dtype, device=hidden.device)
@@ -373,15 +382,21 @@ class LinearLogprobSumFunction(torch.autograd.Function):
             ones = torch.ones(r1 - r0, dtype=stats.dtype, device=hidden.device)
             kernels.bwd(tile, lab, stats, stats[:0, 0], ones, None, tile, inv_temperature,
                         ignore_index, vocab, 0)                                  # in place
-            if need_h:
+            if need_h and low:
+                torch.addmm(grad_h[r0:r1], tile, weight, out_dtype=torch.float32,
+                            out=grad_h[r0:r1])
+            elif need_h:
                 torch.mm(tile, weight, out=grad_h[r0:r1])
-            if need_w:
+            if need_w and low:
+                torch.addmm(grad_w, tile.t(), hidden[r0:r1], out_dtype=torch.float32, out=grad_w)
+            elif need_w:
                 grad_w.addmm_(tile.t(), hidden[r0:r1])
             if need_b:
-                grad_b += tile.sum(0)
+                grad_b += tile.sum(0, dtype=acc)
         del buf
         ctx.save_for_backward(hidden, weight, bias)
         ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if not (need_h or need_w or need_b):
             ctx.mark_non_differentiable(total)
         return total
@@ -396,7 +411,8 @@ class LinearLogprobSumFunction(torch.autograd.Function):
                 "(the gradients computed in forward are consumed by the first backward; "
                 "use reduction='none' and reduce yourself for retain_graph=True)")
         ctx.grads = None
-        out = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads)
+        out = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)).to(dtype)
+                    for g, dtype in zip(grads, ctx.dtypes))
         return out + (None,) * 6
 
 
@@ -431,7 +447,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     rows = hidden.reshape(-1, width)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     scalar = (reduction != "none" and not return_entropy
-              and hidden.dtype in (torch.float32, torch.float64))
+              and (hidden.dtype in (torch.float32, torch.float64)
+                   or (hidden.device.type == "cuda" and _mm_fp32_out("cuda"))))
     chunk = chunk_size or default_chunk_size(rows.shape[0], vocab, hidden.device, scalar)
     if scalar:
         logp = LinearLogprobSumFunction.apply(rows, weight, bias, flat_labels, inv_temperature,

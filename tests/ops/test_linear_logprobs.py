@@ -236,26 +236,29 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, message):
 
 # ---- the scalar (gradient-in-forward) path, NaN rows, all-ignored mean, memory -------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_scalar_path_matches_reference(monkeypatch, name, reduction, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_scalar_path_matches_reference(monkeypatch, name, reduction, dtype, device):
     """reduction="sum"/"mean" without entropy computes the gradients during the forward and
-    scales them by the (random, not 1) upstream scalar in backward."""
+    scales them by the (random, not 1) upstream scalar in backward (16-bit: on a GPU, with
+    float32 accumulators; on a CPU 16-bit takes the per-token path, checked the same)."""
     if dtype == torch.float64 and name != "torch":
         pytest.skip("float64 runs on the torch backend only")
-    use_backend(monkeypatch, name, "cpu", op="linear_logprobs", dtype=dtype)
-    hidden, weight, b, labels = make_inputs(37, 24, 700, dtype, "cpu", ignore_frac=0.3)
+    use_backend(monkeypatch, name, device, op="linear_logprobs", dtype=dtype)
+    hidden, weight, b, labels = make_inputs(37, 24, 700, dtype, device, ignore_frac=0.3)
     c = float(torch.randn(()))
     out = run(lambda *a, **k: c * linear_logprobs(*a, reduction=reduction, **k),
-              hidden, weight, b, labels, torch.ones(()), None, chunk_size=5)
+              hidden, weight, b, labels, torch.ones((), device=device), None, chunk_size=5)
     to64 = lambda t: t.double()
     count = (labels != -100).sum() if reduction == "mean" else 1
     ref = run(lambda *a, **k: c * linear_logprobs_reference(*a, **k).sum() / count,
-              to64(hidden), to64(weight), to64(b), labels, torch.ones((), dtype=torch.float64),
-              None)
+              to64(hidden), to64(weight), to64(b), labels,
+              torch.ones((), dtype=torch.float64, device=device), None)
     eager = run(lambda *a, **k: c * linear_logprobs_reference(*a, **k).sum() / count,
-                hidden, weight, b, labels, torch.ones(()), None)
+                hidden, weight, b, labels, torch.ones((), device=device), None)
     for i, what in [(0, "loss"), (2, "grad_hidden"), (3, "grad_weight"), (4, "grad_bias")]:
         check(what, out[i].reshape(-1), ref[i].reshape(-1), eager[i].reshape(-1), dtype)
 
