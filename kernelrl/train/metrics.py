@@ -130,15 +130,7 @@ class TokenMeter:
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines of ``path`` with step <= ``last_step`` (and drop a line cut short by
     a crash), rewriting the file atomically."""
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [line for line, record in _jsonl_records(path) if record.get("step", 0) <= last_step]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
@@ -306,9 +298,13 @@ class RunLogger:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of ``<run_dir>/metrics.jsonl`` (a line cut short by a crash skipped)."""
     path = Path(run_dir) / METRICS_FILE
-    records = []
-    if not path.exists():
-        return records
+    return [record for _, record in _jsonl_records(path)] if path.exists() else []
+
+
+def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
+    """(line ending in a newline, its JSON object) for every whole object line of ``path``;
+    a line cut short by a crash does not parse and is skipped."""
+    out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
@@ -316,8 +312,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict):
-                records.append(record)
-    return records
+                out.append((line if line.endswith("\n") else line + "\n", record))
+    return out
 
 
 def plot_curves(run_dir: str | os.PathLike) -> Path | None:
