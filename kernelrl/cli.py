@@ -1,8 +1,10 @@
-"""Command line: ``kernelrl info | tune | bench`` (``python -m kernelrl ...`` is the same).
+"""Command line: ``kernelrl sft | info | tune | bench`` (``python -m kernelrl ...`` is the
+same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
 (and torch) only when it runs, so ``kernelrl --help`` and ``--version`` answer at once.
-Later subcommands (sft, rm, ppo, dpo, demo) arrive with the trainers.
+The trainers (``kernelrl sft ...``) get their arguments verbatim: each parses its own flags,
+one per field of its config dataclass (``kernelrl sft --help``).
 """
 
 from __future__ import annotations
@@ -74,12 +76,30 @@ def bench(argv: list[str]) -> int:
     return subprocess.call([sys.executable, str(runner), *argv])
 
 
+#: trainer subcommand -> (module with main(argv, prog), one-line help)
+TRAINERS = {
+    "sft": ("kernelrl.train.sft", "supervised fine-tuning on demonstrations (InstructGPT step 1)"),
+}
+
+
+def train(name: str, argv: list[str]) -> int:
+    """``kernelrl <trainer> ARGS...``: the trainer module's ``main(ARGS)``, its exit code."""
+    import importlib
+
+    module = importlib.import_module(TRAINERS[name][0])
+    return module.main(argv, prog=f"kernelrl {name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelrl", description=(
         "kernelrl: a kernel-accelerated engine for LLM post-training."))
     parser.add_argument("--version", action="version", version=f"kernelrl {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, what) in TRAINERS.items():   # listed here; run through train() above
+        trainer = sub.add_parser(name, help=f"{what}; `kernelrl {name} --help` for its flags",
+                                 add_help=False)
+        trainer.add_argument("args", nargs=argparse.REMAINDER)
 
     p_info = sub.add_parser(
         "info", help="versions, devices, and the backend each op uses (and why)",
@@ -132,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":           # verbatim, --help included
         return bench(argv[1:])
+    if argv and argv[0] in TRAINERS:          # verbatim: the trainer parses its own flags
+        return train(argv[0], argv[1:])
     parser = build_parser()
     if not argv:
         parser.print_help()

@@ -106,3 +106,15 @@ def test_bench_from_a_wheel_install_explains_where_the_suites_are(tmp_path, monk
 
 def test_bench_folder_is_beside_the_package():
     assert cli.benchmarks_dir() == Path(cli.__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_trainer_subcommands_pass_their_arguments_through(capsys):
+    """`kernelrl sft --help` is the trainer's own parser: one flag per config field."""
+    from kernelrl import cli
+
+    for name in cli.TRAINERS:
+        with pytest.raises(SystemExit) as exc:
+            cli.main([name, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: kernelrl {name}" in out and "--batch-size" in out and "--lora-r" in out
