@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, what) in TRAINERS.items():   # listed here; run through train() above
         trainer = sub.add_parser(name, help=f"{what}; `kernelrl {name} --help` for its flags",
                                  add_help=False)
-        trainer.add_argument("args", nargs=argparse.REMAINDER)
+        trainer.add_argument("args", nargs=argparse.REMAINDER,
+                             help="the trainer's flags, passed on verbatim (default: none)")
 
     p_info = sub.add_parser(
         "info", help="versions, devices, and the backend each op uses (and why)",
