@@ -1,4 +1,4 @@
-"""Command line: ``kernelrl sft | info | tune | bench`` (``python -m kernelrl ...`` is the
+"""Command line: ``kernelrl sft | rm | info | tune | bench`` (``python -m kernelrl ...`` is the
 same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
@@ -79,6 +79,7 @@ def bench(argv: list[str]) -> int:
 #: trainer subcommand -> (module with main(argv, prog), one-line help)
 TRAINERS = {
     "sft": ("kernelrl.train.sft", "supervised fine-tuning on demonstrations (InstructGPT step 1)"),
+    "rm": ("kernelrl.train.rm", "reward model on ranked comparisons (InstructGPT step 2)"),
 }
 
 
