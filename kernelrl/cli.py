@@ -1,4 +1,4 @@
-"""Command line: ``kernelrl sft | rm | info | tune | bench`` (``python -m kernelrl ...`` is the
+"""Command line: ``kernelrl sft | rm | dpo | info | tune | bench`` (``python -m kernelrl ...`` is the
 same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
@@ -80,6 +80,8 @@ def bench(argv: list[str]) -> int:
 TRAINERS = {
     "sft": ("kernelrl.train.sft", "supervised fine-tuning on demonstrations (InstructGPT step 1)"),
     "rm": ("kernelrl.train.rm", "reward model on ranked comparisons (InstructGPT step 2)"),
+    "dpo": ("kernelrl.train.dpo", "direct preference optimization on preference pairs or "
+                                  "rankings (DPO, IPO and variants)"),
 }
 
 
