@@ -245,6 +245,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kernelrl", "kernelrl.*"]),
+    package_data={"kernelrl.demo": ["data/*.jsonl"]},
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors", "transformers>=5.0",
                       "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "hypothesis", "peft"], "bench": ["trl"]},
