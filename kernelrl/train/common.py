@@ -1,30 +1,76 @@
-"""The pieces kernelrl's trainers (SFT, reward model, DPO) share: plain functions, no base
-class. Each trainer's loop calls them in the same order:
+"""The pieces kernelrl's trainers (SFT, reward model, DPO) share: the settings they all
+take (``TrainConfig``, checked by ``validate_common``), plain functions, and one small
+stateful helper for the end of each optimizer step (``Bookkeeper``: the logging window,
+evaluation and checkpoint cadence). Each trainer's loop calls them in the same order:
 
     device = choose_device(cfg.device);  seed_everything(cfg.seed)
+    tokenizer = load_run_tokenizer(cfg)                 # checks --model first
+    train_set, eval_set = load_<format>(cfg.data, tokenizer, **data_options(cfg))
+    loader, total_steps = step_loader(train_set, cfg)   # one sampler batch = one step
     run_dir, ckpt = start_run(cfg.out, cfg.resume)      # refuses to overwrite a run
-    model = setup_model(cfg.model, dtype=..., lora_r=..., ...)
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(model, lr=..., weight_decay=...)
-    scheduler = warmup_cosine(optimizer, warmup_steps=..., total_steps=...)
-    step, data_state, extra = restore(ckpt, model, optimizer, scheduler)   # 0, None, {} fresh
+    check_step_batch(ckpt, cfg, "prompts")              # the data position must carry over
+    model = setup_model_from_config(cfg, device)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
+    step, _, extra = restore(ckpt, model, optimizer, scheduler, loader)   # 0, None, {} fresh
     write_config(run_dir, cfg, resumed=ckpt is not None)
-    ... for each step: forward and backward under autocast(device, cfg.autocast),
-        grad_norm = clip_gradients(params, cfg.max_grad_norm), optimizer.step() ...
-        save_state(run_dir, step, model=model, optimizer=..., scheduler=..., data_state=...)
-    export_model(model, run_dir, tokenizer=tokenizer, base_model=cfg.model)
+    with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None) as logger:
+        log_start(logger, model, ckpt, step, total_steps, {"train": train_set, "eval": eval_set})
+        books = Bookkeeper(logger, run_dir, cfg, total_steps, model=model, optimizer=...,
+                           scheduler=..., loader=loader, extra=extra, evaluate=...)
+        params, order = trainable_parameters(model), iter(loader.sampler)
+        while step < total_steps:
+            step += 1
+            for part in micro_batches(next(order), cfg.batch_size):
+                ... forward and backward, under autocast(device, cfg.autocast)
+            grad_norm = clip_gradients(params, cfg.max_grad_norm)
+            values, norm = sync_and_check(step, sums, grad_norm)   # the step's one host sync
+            lr = optimizer_step(optimizer, scheduler)
+            books.end_step(step, tokens, lr=lr, grad_norm=norm, loss=values[0], ...)
+        export_model(model, run_dir, tokenizer=tokenizer, base_model=cfg.model)
+
+``run_main(ConfigClass, train, argv, prog=..., description=...)`` is every trainer's
+``main``: bad flags or settings exit with status 2, a run error returns 1.
+
+The settings. Every entry point has one flat config dataclass whose fields its command-line
+flags mirror one to one. The settings all trainers take (``--model``, ``--data``,
+``--out``, the schedule, LoRA, precision, checkpointing, ...) are declared once, in the
+data-only base ``TrainConfig``, and a trainer's config is a dataclass subclass of it:
+
+    @dataclass
+    class SFTConfig(TrainConfig):
+        \"\"\"Supervised fine-tuning ...\"\"\"            # the --help description
+        lr: float = field(default=2e-5, metadata={"help": "peak learning rate (AdamW)"})
+        packing: bool = field(default=False, metadata={"help": "..."})
+
+        def __post_init__(self):
+            validate_common(self)
+            ...  the checks of its own fields (check_numbers, bad_setting)
+
+Redeclaring a shared field (``lr``) changes only its default or help, and it keeps its
+place; a new field (``packing``) comes after the shared ones. So the config stays flat:
+``dataclasses.fields(SFTConfig)`` is every setting, one flag each (the shared ones first,
+in the order declared here, then the trainer's own), and config.toml holds them all as
+``name = value`` lines. Why a base class rather than three copies: the shared fields,
+their help and their range checks then have one definition, and the trainers cannot drift
+apart. ``TrainConfig`` holds fields only: no methods, no ``__post_init__``, so no trainer
+inherits behaviour from it; each subclass calls ``validate_common`` itself.
 
 What a run folder holds (``<out>/``): ``config.toml`` (the settings used, written when the
 run starts; ``--config <out>/config.toml`` repeats the run), ``metrics.jsonl``,
 ``curves.png``, ``checkpoints/step-<N>/`` (``kernelrl.train.checkpoint``), and the final
 model: ``model/`` (full fine-tuning: ``save_pretrained`` safetensors + config.json + the
 tokenizer) or ``adapter/`` (LoRA: a PEFT adapter folder, adapter_model.safetensors +
-adapter_config.json, plus the tokenizer).
+adapter_config.json, plus the tokenizer). Metric names: training metrics plain (``loss``,
+``accuracy``, ``rewards/chosen``), held-out ones under ``eval/`` (``eval/loss``,
+``eval/accuracy``, ``eval/rewards/chosen``), the data statistics of step 0 as
+``train_<stat>`` and ``eval_<stat>``.
 
 The trainable state. With LoRA (``lora_r > 0``) only the adapters train and only they are
 checkpointed (the base is reloaded from ``--model`` on resume); with full fine-tuning
 every parameter trains and is checkpointed. Either way it is
-``trainable_state(model)``: the parameters with ``requires_grad``, by name.
+``trainable_state(model)``: the parameters with ``requires_grad``, by name. Adapters are
+named (``adapter_name``, "default" unless given): several can sit on one base, e.g. a PPO
+trainer's ``policy`` and ``value``.
 
 The learning rate (``warmup_cosine``), for optimizer step s = 0, 1, ..., S − 1 of S steps,
 W warmup steps and floor ratio m:
@@ -43,35 +89,270 @@ embeddings, LoRA A and B) and not to vectors (biases, norm gains), the usual spl
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
 import os
 import random
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from kernelrl.models.hf import load_model, local_folder, resolve_dtype
+from kernelrl.models.hf import load_model, load_tokenizer, local_folder, resolve_dtype
 from kernelrl.models.lora import (ALL_LINEAR, DEFAULT_TARGET_MODULES, apply_lora, lora_modules,
                                   parameter_counts, save_adapter)
+from kernelrl.train.batching import BatchLoader
 from kernelrl.train.checkpoint import (Checkpoint, CheckpointError, apply_checkpoint,
-                                       load_checkpoint, prepare_run_dir, save_checkpoint)
-from kernelrl.train.config import load_config_file, save_config
+                                       load_checkpoint, prepare_run_dir, save_checkpoint,
+                                       save_due)
+from kernelrl.train.config import (add_dataclass_args, config_from_namespace, load_config_file,
+                                   save_config)
+from kernelrl.train.data import OVERLONG
+from kernelrl.train.metrics import NonFiniteLossError, RunLogger, check_finite
 
-__all__ = ["CONFIG_FILE", "MODEL_DIR", "ADAPTER_DIR", "choose_device", "seed_everything",
-           "parse_targets", "setup_model", "make_trainable", "trainable_parameters",
-           "trainable_state", "build_optimizer", "warmup_steps_for", "lr_factor", "warmup_cosine",
-           "clip_gradients", "autocast", "resume_target", "start_run", "write_config",
-           "restore", "save_state", "export_model", "describe_model"]
+__all__ = ["CONFIG_FILE", "MODEL_DIR", "ADAPTER_DIR", "PREFERENCE_DATA_HELP", "TrainConfig",
+           "validate_common", "bad_setting", "check_numbers", "run_main",
+           "load_run_tokenizer", "data_options", "step_loader", "micro_batches",
+           "choose_device", "seed_everything", "parse_targets", "setup_model",
+           "setup_model_from_config", "make_trainable", "trainable_parameters",
+           "trainable_state", "build_optimizer", "warmup_steps_for", "lr_factor",
+           "warmup_cosine", "optimizer_and_schedule", "clip_gradients", "sync_and_check",
+           "optimizer_step", "autocast", "resume_target", "start_run", "write_config",
+           "check_step_batch", "restore", "save_state", "log_start", "Bookkeeper",
+           "export_model", "describe_model"]
 
 CONFIG_FILE = "config.toml"
 MODEL_DIR = "model"          # final full model (save_pretrained layout)
 ADAPTER_DIR = "adapter"      # final LoRA adapter (PEFT layout)
+#: ``--data``'s help for the preference trainers (reward model, DPO)
+PREFERENCE_DATA_HELP = ('training JSONL: {"prompt", "chosen", "rejected"} or {"prompt", '
+                        '"responses": [best, ..., worst]} per line')
+
+
+# ----------------------------------------------------------------------------------------
+# The shared settings
+
+
+@dataclass
+class TrainConfig:
+    """The settings every trainer takes (module docstring): subclass it, add the trainer's
+    own fields, redeclare a field here only to change its default or help."""
+
+    model: str = field(metadata={"help": "local model folder (config.json + safetensors, "
+                                         "as save_pretrained writes it); never downloaded"})
+    data: str = field(metadata={"help": "training JSONL, one example per line"})
+    out: str = field(metadata={"help": "run folder: config, metrics, checkpoints, final "
+                                       "model; must not hold another run's checkpoints"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "tokenizer folder (default: the --model folder)"})
+    eval_data: Optional[str] = field(default=None, metadata={
+        "help": "held-out JSONL in the same format (or use --eval-fraction)"})
+    eval_fraction: float = field(default=0.0, metadata={
+        "help": "fraction of --data held out for evaluation, picked by --seed"})
+    eval_every: int = field(default=0, metadata={
+        "help": "evaluate every this many steps (0: only at the end); needs held-out data"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
+    max_steps: Optional[int] = field(default=None, metadata={
+        "help": "optimizer steps to run; overrides --epochs (the data then cycles)"})
+    batch_size: int = field(default=4, metadata={
+        "help": "prompts per micro-batch (each with all its responses), per device"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step; the loss is averaged over the prompts "
+                "of the whole step"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.0, metadata={
+        "help": "final learning rate of the cosine decay, as a fraction of --lr"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay (matrices only; not biases or norms)"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "linear warmup steps (or use --warmup-ratio)"})
+    warmup_ratio: float = field(default=0.0, metadata={
+        "help": "linear warmup as a fraction of the steps (or use --warmup-steps)"})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "clip the gradients' global L2 norm to this (0: no clipping)"})
+    max_length: int = field(default=1024, metadata={
+        "help": "tokens per sequence (prompt + one response)"})
+    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
+        "help": "a sequence over --max-length: truncate (the prompt first, one cut for all "
+                "of a prompt's responses) or drop that response and its pairs"})
+    keep_prompt_tokens: Optional[int] = field(default=None, metadata={
+        "help": "when truncating, keep at least this many prompt tokens (default: "
+                "max_length // 2)"})
+    chat_template: bool = field(default=True, metadata={
+        "help": "format with the tokenizer's chat template when it has one"})
+    shuffle: bool = field(default=True, metadata={
+        "help": "shuffle the training data each epoch (seeded by --seed)"})
+    lora_r: int = field(default=0, metadata={
+        "help": "LoRA rank R; 0 trains every parameter (full fine-tuning)"})
+    lora_alpha: float = field(default=16.0, metadata={
+        "help": "LoRA alpha (the update is scaled by alpha / R)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: str = field(default=",".join(DEFAULT_TARGET_MODULES), metadata={
+        "help": "comma-separated module names that get adapters, or all-linear"})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
+        "help": "dtype of the model weights"})
+    autocast: Literal["none", "bfloat16"] = field(default="none", metadata={
+        "help": "run the forward under bf16 autocast (weights keep --dtype)"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
+        "help": "auto: cuda when available, else cpu"})
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "attention kernel: sdpa, eager, flash_attention_2, ... (default: "
+                "transformers' choice)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward to save memory"})
+    seed: int = field(default=0, metadata={
+        "help": "seed for the initialisation, data order, split and dropout"})
+    resume: Optional[str] = field(default=None, metadata={
+        "help": "continue a run: latest (the last checkpoint in --out), or a run folder "
+                "or checkpoints/step-<N> folder"})
+    save_every: int = field(default=500, metadata={
+        "help": "checkpoint every this many steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept (the newest ones)"})
+    log_every: int = field(default=1, metadata={
+        "help": "write metrics every this many steps (averaged over them)"})
+
+
+# The integer settings of TrainConfig and their least value.
+_INT_FLOORS = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2, "log_every": 1,
+               "keep_checkpoints": 1, "eval_every": 0, "save_every": 0, "warmup_steps": 0,
+               "lora_r": 0}
+# The number settings of TrainConfig: name -> (test, what it expects).
+_RANGES = {
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "eval_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0: off)"),
+    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def bad_setting(cfg: Any, name: str, expected: str) -> ValueError:
+    """The error for field ``name`` of ``cfg``: ``--flag-name: expected ..., got ...``."""
+    flag = "--" + name.replace("_", "-")
+    return ValueError(f"{flag}: expected {expected}, got {getattr(cfg, name)!r}")
+
+
+def check_numbers(cfg: Any, ranges: dict[str, tuple[Callable[[float], bool], str]]) -> None:
+    """For each ``name: (test, expected)``: field ``name`` of ``cfg`` must be an int or
+    float (not a bool) that passes ``test``, else ``bad_setting``."""
+    for name, (test, expected) in ranges.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+            raise bad_setting(cfg, name, expected)
+
+
+def validate_common(cfg: TrainConfig) -> None:
+    """Check the ``TrainConfig`` fields of ``cfg``: a ValueError naming the flag for the
+    first one that cannot be used (the command line exits with status 2 on it). Every
+    trainer config's ``__post_init__`` calls it before checking its own fields.
+
+    Integers have a least value (``--batch-size`` >= 1, ``--max-length`` >= 2, ...),
+    numbers a range (``--lr`` finite and > 0, ratios in [0, 1), ...); ``--warmup-steps``
+    and ``--warmup-ratio``, ``--eval-data`` and ``--eval-fraction`` exclude each other;
+    ``--eval-every`` needs held-out data (``--eval-data`` or ``--eval-fraction``)."""
+    for name, floor in _INT_FLOORS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < floor:
+            raise bad_setting(cfg, name, f"an int >= {floor}")
+    max_steps = cfg.max_steps
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise bad_setting(cfg, "max_steps", "an int >= 1 or none")
+    check_numbers(cfg, _RANGES)
+    if cfg.overlong not in OVERLONG:
+        raise bad_setting(cfg, "overlong", f"one of {OVERLONG}")
+    if cfg.warmup_steps and cfg.warmup_ratio:
+        raise ValueError(f"--warmup-steps {cfg.warmup_steps} and --warmup-ratio "
+                         f"{cfg.warmup_ratio}: give one or the other")
+    if cfg.eval_data is not None and cfg.eval_fraction:
+        raise ValueError("--eval-data and --eval-fraction: give one or the other")
+    if cfg.eval_every and cfg.eval_data is None and not cfg.eval_fraction:
+        raise ValueError(f"--eval-every {cfg.eval_every}: there is no held-out data to "
+                         f"evaluate on; give --eval-data or --eval-fraction")
+
+
+def run_main(config_cls: type, train: Callable[[Any], Any], argv: Sequence[str] | None, *,
+             prog: str, description: str) -> int:
+    """A trainer's command line: parse ``argv`` (default ``sys.argv[1:]``) into a
+    ``config_cls`` (flags, or ``--config FILE.toml`` with flags on top) and call
+    ``train(cfg)``. Bad flags or settings exit with status 2 (argparse's usage error); an
+    input or run-folder problem, or a diverged loss, prints one line naming it and
+    returns 1; a finished run returns 0."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description,
+        epilog="Settings may also come from --config FILE.toml (same names, flags override "
+               "it); a run's config.toml repeats it.")
+    add_dataclass_args(parser, config_cls)
+    namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        cfg = config_from_namespace(config_cls, namespace)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        train(cfg)
+    except (ValueError, OSError, CheckpointError, NonFiniteLossError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# The inputs
+
+
+def load_run_tokenizer(cfg: TrainConfig) -> Any:
+    """The run's tokenizer, from ``--tokenizer`` or else the ``--model`` folder. Checks
+    first that the ``--model`` folder exists (FileNotFoundError naming ``--model``); a
+    folder without a tokenizer is a ValueError naming ``--tokenizer``. Touches no run
+    folder."""
+    local_folder(cfg.model, "--model")
+    folder = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise ValueError(f"--tokenizer: the folder {folder} holds no tokenizer "
+                         f"(tokenizer.json, tokenizer_config.json, ...); pass --tokenizer")
+    return tokenizer
+
+
+def data_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments of ``kernelrl.train.data.load_sft`` / ``load_preferences``
+    that come from the settings: length limits, chat template, held-out split, seed."""
+    return {"max_length": cfg.max_length, "overlong": cfg.overlong,
+            "keep_prompt_tokens": cfg.keep_prompt_tokens,
+            "use_chat_template": cfg.chat_template, "eval_path": cfg.eval_data,
+            "eval_fraction": cfg.eval_fraction, "seed": cfg.seed}
+
+
+def step_loader(dataset: Any, cfg: TrainConfig, **options: Any) -> tuple[BatchLoader, int]:
+    """(loader, S): the training loader and the run's optimizer steps S.
+
+    One sampler batch is one optimizer step's ``--batch-size`` × ``--grad-accum`` examples
+    (prompts, or sequences / packed rows for SFT), drawn in a ``--seed``-ed order
+    (``--shuffle``), which the loop cuts into micro-batches (``micro_batches``); so the
+    data of a step does not depend on how it is split. S is ``--max-steps`` (the data
+    then cycles) or ``--epochs`` × the steps of an epoch (``len(loader)``). ``options``
+    go to ``BatchLoader`` (``packing=True``)."""
+    loader = BatchLoader(dataset, cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
+                         num_epochs=None if cfg.max_steps else cfg.epochs,
+                         shuffle=cfg.shuffle, **options)
+    return loader, cfg.max_steps or cfg.epochs * len(loader)
+
+
+def micro_batches(units: Sequence[int], batch_size: int) -> list[Sequence[int]]:
+    """A step's sampler batch ``units`` cut into micro-batches of ``batch_size`` (the last
+    one may be shorter), in order."""
+    return [units[i:i + batch_size] for i in range(0, len(units), batch_size)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -123,31 +404,49 @@ def setup_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float3
                 lora_dropout: float = 0.0,
                 lora_targets: str = ",".join(DEFAULT_TARGET_MODULES),
                 gradient_checkpointing: bool = False,
-                attn_implementation: str | None = None) -> nn.Module:
+                attn_implementation: str | None = None,
+                adapter_name: str = "default") -> nn.Module:
     """The causal LM a trainer trains: loaded from ``source`` (a local model folder,
     config.json + safetensors; never the Hub) in ``dtype`` on ``device``, then
-    ``make_trainable``. Raises FileNotFoundError naming ``--model`` for a missing folder.
+    ``make_trainable`` (LoRA adapter ``adapter_name`` when ``lora_r`` > 0). Raises
+    FileNotFoundError naming ``--model`` for a missing folder.
     """
     local_folder(source, "--model")
     model = load_model(source, dtype=resolve_dtype(dtype, "--dtype"), device=device,
                        attn_implementation=attn_implementation)
     return make_trainable(model, lora_r=lora_r, lora_alpha=lora_alpha,
                           lora_dropout=lora_dropout, lora_targets=lora_targets,
-                          gradient_checkpointing=gradient_checkpointing)
+                          gradient_checkpointing=gradient_checkpointing,
+                          adapter_name=adapter_name)
+
+
+def setup_model_from_config(cfg: TrainConfig, device: torch.device | str, *,
+                            adapter_name: str = "default") -> nn.Module:
+    """``setup_model`` with the settings of ``cfg``: ``--model``, ``--dtype``, the
+    ``--lora-*`` settings, ``--gradient-checkpointing`` and ``--attn-implementation``."""
+    return setup_model(cfg.model, dtype=cfg.dtype, device=device, lora_r=cfg.lora_r,
+                       lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                       lora_targets=cfg.lora_targets,
+                       gradient_checkpointing=cfg.gradient_checkpointing,
+                       attn_implementation=cfg.attn_implementation, adapter_name=adapter_name)
 
 
 def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.0,
                    lora_dropout: float = 0.0,
                    lora_targets: str = ",".join(DEFAULT_TARGET_MODULES),
-                   gradient_checkpointing: bool = False) -> nn.Module:
+                   gradient_checkpointing: bool = False,
+                   adapter_name: str = "default") -> nn.Module:
     """Choose what trains, in place, and put ``model`` in train mode; returns it.
 
     lora_r: 0 leaves every parameter trainable (full fine-tuning); R > 0 freezes the whole
-    model and adds LoRA adapters of rank R (scaling alpha / R, float32 weights whatever
-    the base dtype) to ``lora_targets`` (see ``parse_targets``). A module that must train
-    beside the adapters (a reward head) is set ``requires_grad_(True)`` by the caller
-    afterwards. gradient_checkpointing: the outermost Hugging Face model inside ``model``
-    recomputes each layer's activations in the backward instead of keeping them
+    model and adds the LoRA adapter ``adapter_name`` of rank R (scaling alpha / R, float32
+    weights whatever the base dtype) to ``lora_targets`` (see ``parse_targets``). Calling
+    it again with another ``adapter_name`` adds a second adapter to the same base (PPO's
+    ``policy`` and ``value``): every adapter's weights then train, and the active adapter
+    stays the first one (``kernelrl.models.lora.use_adapter`` switches). A module that
+    must train beside the adapters (a reward head) is set ``requires_grad_(True)`` by the
+    caller afterwards. gradient_checkpointing: the outermost Hugging Face model inside
+    ``model`` recomputes each layer's activations in the backward instead of keeping them
     (non-reentrant, so frozen inputs are fine), trading compute for memory.
     """
     if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 0:
@@ -155,7 +454,7 @@ def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.
                          f"{lora_r!r}")
     if lora_r > 0:
         apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                   target_modules=parse_targets(lora_targets))
+                   target_modules=parse_targets(lora_targets), adapter_name=adapter_name)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         hf = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")),
@@ -194,7 +493,7 @@ def describe_model(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Optimizer, schedule, clipping, autocast
+# Optimizer, schedule, clipping, the step's checks, autocast
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
@@ -257,12 +556,51 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, total_steps: int
+                           ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """``build_optimizer`` with ``--lr`` and ``--weight-decay``, and ``warmup_cosine`` over
+    ``total_steps`` with the warmup of ``--warmup-steps`` / ``--warmup-ratio``
+    (``warmup_steps_for``) and ``--min-lr-ratio``."""
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
+    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total_steps,
+                              min_lr_ratio=cfg.min_lr_ratio)
+    return optimizer, scheduler
+
+
 def clip_gradients(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """Scale the gradients so that their global L2 norm is at most ``max_norm`` (None or
     ≤ 0: no clipping). Returns the norm before clipping, a 0-d tensor on the gradients'
     device (no host sync here), for logging and the finite check."""
     limit = max_norm if max_norm is not None and max_norm > 0 else math.inf
     return torch.nn.utils.clip_grad_norm_(list(params), limit)
+
+
+def sync_and_check(step: int, sums: torch.Tensor, grad_norm: torch.Tensor
+                   ) -> tuple[list[float], float]:
+    """The step's one host sync, after the backward and before the update: ``sums`` (the
+    step's loss, first, and its other metrics: 0-d or [M] on the device) and the gradient
+    norm of ``clip_gradients`` come back as ([loss, ...], norm). A NaN or infinite loss
+    or norm raises ``NonFiniteLossError`` naming the step, so a diverged step changes
+    nothing and saves nothing."""
+    *values, norm = torch.cat([sums.float().reshape(-1), grad_norm.float().reshape(1)]).tolist()
+    check_finite(step, values[0])
+    if not math.isfinite(norm):
+        raise NonFiniteLossError(
+            f"the gradient norm is {norm} at step {step} (loss {values[0]:.4g}): training "
+            f"diverged, and nothing was saved for this step. Resume from the last "
+            f"checkpoint with a lower --lr or --max-grad-norm")
+    return values, norm
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any) -> float:
+    """Update the parameters, advance the schedule and clear the gradients; returns the
+    learning rate the update used (the one to log for the step)."""
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
 
 
 def autocast(device: torch.device, kind: str):
@@ -329,12 +667,31 @@ def write_config(run_dir: str | os.PathLike, cfg: Any, *, resumed: bool = False)
     return save_config(cfg, path)
 
 
+def check_step_batch(ckpt: Checkpoint | None, cfg: TrainConfig, unit: str) -> None:
+    """On resume, refuse (``CheckpointError`` naming the flags) a ``--batch-size`` ×
+    ``--grad-accum`` other than the checkpoint's: the saved data position counts sampler
+    batches of that many ``unit`` ("prompts", "sequences"), so it only carries over with
+    the same number. ``Bookkeeper`` stores the number as ``step_batch`` (checkpoints of
+    the first reward-model and DPO trainers: ``step_prompts``). Call it before anything
+    slow or any write."""
+    step_batch = cfg.batch_size * cfg.grad_accum
+    if ckpt is None:
+        return
+    saved = ckpt.extra.get("step_batch", ckpt.extra.get("step_prompts", step_batch))
+    if saved != step_batch:
+        raise CheckpointError(
+            f"--resume: the run used --batch-size x --grad-accum = {saved} {unit} per step, "
+            f"this one {step_batch}; the data position only carries over with the same "
+            f"number")
+
+
 def restore(ckpt: Checkpoint | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any) -> tuple[int, Any, dict]:
+            scheduler: Any, loader: BatchLoader | None = None) -> tuple[int, Any, dict]:
     """Load a checkpoint into a freshly set-up model, optimizer and scheduler: the
-    trainable state, the optimizer and scheduler states, and the global RNG states.
-    Returns (step, data_state, extra), or (0, None, {}) when ``ckpt`` is None. Build the
-    model, optimizer and scheduler exactly as the saving run did before calling it."""
+    trainable state, the optimizer and scheduler states, the global RNG states, and, when
+    ``loader`` is given, the data position into it. Returns (step, data_state, extra), or
+    (0, None, {}) when ``ckpt`` is None. Build the model, optimizer and scheduler exactly
+    as the saving run did before calling it."""
     if ckpt is None:
         return 0, None, {}
     try:
@@ -343,6 +700,8 @@ def restore(ckpt: Checkpoint | None, model: nn.Module, optimizer: torch.optim.Op
         raise CheckpointError(f"--resume: {ckpt.path} does not fit this model and "
                               f"settings (same --model and --lora-* as the run that saved "
                               f"it?): {exc}") from None
+    if loader is not None and ckpt.data is not None:
+        loader.load_state_dict(ckpt.data)
     return ckpt.step, ckpt.data, dict(ckpt.extra)
 
 
@@ -357,22 +716,120 @@ def save_state(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
                            extra=extra, rng=True, keep=keep)
 
 
+# ----------------------------------------------------------------------------------------
+# Logging
+
+
+def log_start(logger: RunLogger, model: nn.Module, ckpt: Checkpoint | None, step: int,
+              total_steps: int, datasets: dict[str, Any], *, skip: Sequence[str] = ()) -> None:
+    """The run's opening lines: the model (``describe_model``), then ``resumed from
+    <checkpoint> at step s of S``, or, for a fresh run, the data statistics
+    (``DataStats``) of each of ``datasets`` (split name -> dataset; None left out) as
+    ``<split>_<stat>``, printed and logged at step 0. ``skip``: statistics left out (SFT
+    has no pairs)."""
+    logger.write(describe_model(model))
+    if ckpt is not None:
+        logger.write(f"resumed from {ckpt.path} at step {step} of {total_steps}")
+        return
+    stats = {f"{split}_{key}": value for split, data in datasets.items() if data is not None
+             for key, value in data.stats.as_dict().items() if key not in skip}
+    logger.write("data: " + ", ".join(f"{key} {value}" for key, value in stats.items()))
+    logger.log(0, **stats)
+
+
+class Bookkeeper:
+    """What happens after each optimizer step, on the settings' cadence: the metrics
+    record, held-out evaluation and the checkpoint. One ``end_step(...)`` call per step.
+
+    The logging window: the steps and tokens since the last record and, for each metric,
+    a (sum, count) total logged as sum / count. A metric passed as a plain value counts 1,
+    so it is logged as its mean over the window's steps; a (sum, count) pair gives another
+    mean (the reward model's accuracy: (pairs ranked right, pairs)). ``tokens_seen``
+    counts the tokens of every step of the run; it is checkpointed, and continued on
+    resume from the checkpoint's ``extra``.
+
+    logger: the run's ``RunLogger``. run_dir, cfg: where and how often (``--log-every``,
+    ``--eval-every``, ``--save-every``, ``--keep-checkpoints``). total_steps: S.
+    model, optimizer, scheduler, loader: what a checkpoint holds (``save_state``; the
+    loader's data position, and ``len(loader)`` steps per epoch for the logged epoch).
+    evaluate: ``evaluate()`` returns the held-out metrics keyed ``eval/<name>``; None when
+    there is no held-out data. extra: the resumed checkpoint's ``extra`` ({} when fresh).
+    """
+
+    def __init__(self, logger: RunLogger, run_dir: str | os.PathLike, cfg: TrainConfig,
+                 total_steps: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, loader: BatchLoader,
+                 evaluate: Callable[[], dict[str, float]] | None = None,
+                 extra: dict | None = None) -> None:
+        self.logger, self.run_dir, self.cfg, self.total_steps = logger, run_dir, cfg, total_steps
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loader, self.evaluate = loader, evaluate
+        self.tokens_seen = int((extra or {}).get("tokens_seen", 0))
+        self.tokens, self.totals = 0, {}
+
+    def end_step(self, step: int, tokens: int, *, lr: float, grad_norm: float,
+                 **metrics: float | tuple[float, float]) -> None:
+        """After optimizer step ``step``'s update: add its ``tokens`` (not padding), the
+        learning rate it used, its gradient norm and its ``metrics`` (values or (sum,
+        count) pairs: see the class docstring) to the window. Then:
+
+        - after the last step and every ``--eval-every`` steps, ``evaluate()``;
+        - every ``--log-every`` steps, with an evaluation and after the last step, one
+          record: tokens, the window's means (in the order first given), lr, grad_norm,
+          tokens_seen, epoch, the held-out metrics; the window is then emptied;
+        - every ``--save-every`` steps and after the last step (``save_due``), a
+          checkpoint (``save_state``) keeping the newest ``--keep-checkpoints``, with the
+          loader's data position (call this after the step's batches were fetched, so it
+          is the next step's) and extra ``tokens_seen`` and ``step_batch`` (for
+          ``check_step_batch``).
+        """
+        cfg = self.cfg
+        self.tokens_seen += tokens
+        self.tokens += tokens
+        for name, value in metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, 1)
+            before, seen = self.totals.get(name, (0.0, 0))
+            self.totals[name] = (before + total, seen + count)
+        last = step == self.total_steps
+        evals: dict[str, float] = {}
+        if self.evaluate is not None and (last or cfg.eval_every
+                                          and step % cfg.eval_every == 0):
+            evals = self.evaluate()
+        if evals or last or step % cfg.log_every == 0:
+            means = {name: total / count for name, (total, count) in self.totals.items()}
+            self.logger.log(step, tokens=self.tokens, **means, lr=lr, grad_norm=grad_norm,
+                            tokens_seen=self.tokens_seen,
+                            epoch=round(step / len(self.loader), 4), **evals)
+            self.tokens, self.totals = 0, {}
+        if save_due(step, cfg.save_every, self.total_steps):
+            extra = {"tokens_seen": self.tokens_seen,
+                     "step_batch": cfg.batch_size * cfg.grad_accum}
+            save_state(self.run_dir, step, model=self.model, optimizer=self.optimizer,
+                       scheduler=self.scheduler, data_state=self.loader.state_dict(),
+                       extra=extra, keep=cfg.keep_checkpoints)
+
+
+# ----------------------------------------------------------------------------------------
+# The final model
+
+
 def export_model(model: nn.Module, run_dir: str | os.PathLike, *, tokenizer: Any = None,
-                 base_model: str | os.PathLike | None = None) -> Path:
+                 base_model: str | os.PathLike | None = None,
+                 adapter_name: str = "default") -> Path:
     """Write the trained model for use outside kernelrl and return its folder:
-    ``<run>/adapter`` (a PEFT LoRA folder: ``PeftModel.from_pretrained(base, folder)``
-    loads it; ``base_model`` is recorded as its base) when the model has LoRA adapters,
-    else ``<run>/model`` (``save_pretrained``: config.json + safetensors, loadable with
-    ``from_pretrained``). The tokenizer, when given, is saved beside it."""
+    ``<run>/adapter`` (a PEFT LoRA folder of the adapter ``adapter_name``:
+    ``PeftModel.from_pretrained(base, folder)`` loads it; ``base_model`` is recorded as its
+    base) when the model has LoRA adapters, else ``<run>/model`` (``save_pretrained``:
+    config.json + safetensors, loadable with ``from_pretrained``). The tokenizer, when
+    given, is saved beside it."""
     run_dir = Path(run_dir)
     if lora_modules(model):
         folder = run_dir / ADAPTER_DIR
         base = str(Path(base_model).resolve()) if base_model is not None else None
-        save_adapter(model, folder, base_model_name_or_path=base)
+        save_adapter(model, folder, adapter_name=adapter_name, base_model_name_or_path=base)
     else:
         folder = run_dir / MODEL_DIR
         model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
-

@@ -62,34 +62,26 @@ Command line: ``python -m kernelrl.train.dpo --help`` (or ``kernelrl dpo``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kernelrl.models.hf import load_model, load_tokenizer, local_folder
+from kernelrl.models.hf import load_model
 from kernelrl.models.logprobs import sequence_logprobs
-from kernelrl.models.lora import DEFAULT_TARGET_MODULES, disable_adapters, lora_modules
+from kernelrl.models.lora import disable_adapters, lora_modules
 from kernelrl.ops import dpo_loss
+from kernelrl.train import common
 from kernelrl.train.batching import BatchLoader, PreferenceBatch
-from kernelrl.train.checkpoint import CheckpointError, save_due
-from kernelrl.train.common import (autocast, build_optimizer, choose_device, clip_gradients,
-                                   describe_model, export_model, restore, save_state,
-                                   seed_everything, setup_model, start_run,
-                                   trainable_parameters, warmup_cosine, warmup_steps_for,
-                                   write_config)
-from kernelrl.train.config import add_dataclass_args, config_from_namespace
-from kernelrl.train.data import OVERLONG, PreferenceDataset, load_preferences
-from kernelrl.train.metrics import NonFiniteLossError, RunLogger, check_finite
+from kernelrl.train.data import PreferenceDataset, load_preferences
+from kernelrl.train.metrics import RunLogger
 
 __all__ = ["DPOConfig", "Reference", "REFERENCE_FILE", "METRICS", "dpo_step_loss",
            "reference_logps", "precompute_reference", "evaluate", "train", "main"]
@@ -101,17 +93,21 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 
 @dataclass
-class DPOConfig:
-    """Direct Preference Optimization on chosen/rejected pairs or rankings."""
+class DPOConfig(common.TrainConfig):
+    """Direct Preference Optimization on chosen/rejected pairs or rankings.
+
+    The settings every trainer takes are declared in ``kernelrl.train.common.TrainConfig``;
+    the fields below change the default or help of some of them, then add DPO's own."""
 
     model: str = field(metadata={"help": "local model folder (config.json + safetensors, "
                                          "as save_pretrained writes it), usually an SFT "
                                          "model; also the reference. Never downloaded"})
-    data: str = field(metadata={"help": "training JSONL: {\"prompt\", \"chosen\", "
-                                        "\"rejected\"} or {\"prompt\", \"responses\": "
-                                        "[best, ..., worst]} per line"})
-    out: str = field(metadata={"help": "run folder: config, metrics, checkpoints, final "
-                                       "model; must not hold another run's checkpoints"})
+    data: str = field(metadata={"help": common.PREFERENCE_DATA_HELP})
+    lr: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW)"})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
+        "help": "dtype of the model weights (the reference's too)"})
+    autocast: Literal["none", "bfloat16"] = field(default="none", metadata={
+        "help": "run the forwards under bf16 autocast (weights keep --dtype)"})
     ref: Literal["copy", "precompute"] = field(default="copy", metadata={
         "help": "the reference policy: copy (a frozen second copy of --model) or precompute "
                 "(its log-probs computed once before training and cached in --out); "
@@ -128,108 +124,11 @@ class DPOConfig:
                 "and exo_pair ((0, 1)) use it"})
     discopop_tau: float = field(default=0.05, metadata={
         "help": "τ, the temperature of the discopop loss's mixing weight"})
-    tokenizer: Optional[str] = field(default=None, metadata={
-        "help": "tokenizer folder (default: the --model folder)"})
-    eval_data: Optional[str] = field(default=None, metadata={
-        "help": "held-out JSONL in the same format (or use --eval-fraction)"})
-    eval_fraction: float = field(default=0.0, metadata={
-        "help": "fraction of --data held out for evaluation, picked by --seed"})
-    eval_every: int = field(default=0, metadata={
-        "help": "evaluate every this many steps (0: only at the end); needs held-out data"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
-    max_steps: Optional[int] = field(default=None, metadata={
-        "help": "optimizer steps to run; overrides --epochs (the data then cycles)"})
-    batch_size: int = field(default=4, metadata={
-        "help": "prompts per micro-batch (each with all its responses), per device"})
-    grad_accum: int = field(default=1, metadata={
-        "help": "micro-batches per optimizer step; the loss is averaged over the prompts "
-                "of the whole step"})
-    lr: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW)"})
-    min_lr_ratio: float = field(default=0.0, metadata={
-        "help": "final learning rate of the cosine decay, as a fraction of --lr"})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW weight decay (matrices only; not biases or norms)"})
-    warmup_steps: int = field(default=0, metadata={
-        "help": "linear warmup steps (or use --warmup-ratio)"})
-    warmup_ratio: float = field(default=0.0, metadata={
-        "help": "linear warmup as a fraction of the steps (or use --warmup-steps)"})
-    max_grad_norm: float = field(default=1.0, metadata={
-        "help": "clip the gradients' global L2 norm to this (0: no clipping)"})
-    max_length: int = field(default=1024, metadata={
-        "help": "tokens per sequence (prompt + one response)"})
-    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
-        "help": "a sequence over --max-length: truncate (prompt first) or drop that "
-                "response with its pairs"})
-    keep_prompt_tokens: Optional[int] = field(default=None, metadata={
-        "help": "when truncating, keep at least this many prompt tokens (default: "
-                "max_length // 2)"})
-    chat_template: bool = field(default=True, metadata={
-        "help": "format with the tokenizer's chat template when it has one"})
-    shuffle: bool = field(default=True, metadata={
-        "help": "shuffle the prompts each epoch (seeded by --seed)"})
-    lora_r: int = field(default=0, metadata={
-        "help": "LoRA rank R; 0 trains every parameter (full fine-tuning)"})
-    lora_alpha: float = field(default=16.0, metadata={
-        "help": "LoRA alpha (the update is scaled by alpha / R)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=",".join(DEFAULT_TARGET_MODULES), metadata={
-        "help": "comma-separated module names that get adapters, or all-linear"})
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
-        "help": "dtype of the model weights (the reference's too)"})
-    autocast: Literal["none", "bfloat16"] = field(default="none", metadata={
-        "help": "run the forwards under bf16 autocast (weights keep --dtype)"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
-        "help": "auto: cuda when available, else cpu"})
-    attn_implementation: Optional[str] = field(default=None, metadata={
-        "help": "attention kernel: sdpa, eager, flash_attention_2, ... (default: "
-                "transformers' choice)"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward to save memory"})
-    seed: int = field(default=0, metadata={
-        "help": "seed for the initialisation, data order, split and dropout"})
-    resume: Optional[str] = field(default=None, metadata={
-        "help": "continue a run: latest (the last checkpoint in --out), or a run folder "
-                "or checkpoints/step-<N> folder"})
-    save_every: int = field(default=500, metadata={
-        "help": "checkpoint every this many steps (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={
-        "help": "checkpoints kept (the newest ones)"})
-    log_every: int = field(default=1, metadata={
-        "help": "write metrics every this many steps (averaged over them)"})
 
     def __post_init__(self):
-        bounds = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2,
-                  "log_every": 1, "keep_checkpoints": 1, "eval_every": 0, "save_every": 0,
-                  "warmup_steps": 0, "lora_r": 0}
-        for name, low in bounds.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"--{name.replace('_', '-')}: expected an int >= {low}, "
-                                 f"got {value!r}")
-        if self.max_steps is not None and not self.max_steps >= 1:
-            raise ValueError(f"--max-steps: expected an int >= 1 or none, got "
-                             f"{self.max_steps!r}")
-        ranges = {"eval_fraction": (1.0, "in [0, 1)"), "warmup_ratio": (1.0, "in [0, 1)"),
-                  "min_lr_ratio": (math.nextafter(1.0, 2.0), "in [0, 1]"),
-                  "weight_decay": (math.inf, ">= 0"), "max_grad_norm": (math.inf, ">= 0")}
-        for name, (above, text) in ranges.items():
-            value = getattr(self, name)
-            if not 0.0 <= value < above:
-                raise ValueError(f"--{name.replace('_', '-')}: expected a number {text}, "
-                                 f"got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr: expected a finite number > 0, got {self.lr!r}")
-        if self.overlong not in OVERLONG:
-            raise ValueError(f"--overlong: expected one of {OVERLONG}, got {self.overlong!r}")
+        common.validate_common(self)
         if self.ref not in ("copy", "precompute"):
             raise ValueError(f"--ref: expected copy or precompute, got {self.ref!r}")
-        for first, second in (("warmup_steps", "warmup_ratio"), ("eval_data", "eval_fraction")):
-            if getattr(self, first) and getattr(self, second):
-                raise ValueError(f"--{first.replace('_', '-')} and "
-                                 f"--{second.replace('_', '-')}: give one or the other")
-        if self.eval_every and self.eval_data is None and not self.eval_fraction:
-            raise ValueError(f"--eval-every {self.eval_every}: there is no held-out data to "
-                             f"evaluate on; give --eval-data or --eval-fraction")
         # β, ε (whose range depends on the loss type), τ and the loss type: the op's checks.
         zero = torch.zeros(1)
         try:
@@ -239,6 +138,13 @@ class DPOConfig:
             name, _, rest = str(exc).partition(":")
             raise ValueError(f"--{name.replace('_', '-')}:{rest}") from None
 
+
+def main(argv: Sequence[str] | None = None, prog: str = "kernelrl dpo") -> int:
+    """``kernelrl dpo``: ``run_main`` for DPOConfig and ``train`` (exit status 0, 1 or 2)."""
+    return common.run_main(DPOConfig, train, argv, prog=prog,
+                           description="Direct Preference Optimization (DPO and its loss "
+                                       "variants) of a causal LM on preference pairs or "
+                                       "rankings, against a frozen reference.")
 
 # ----------------------------------------------------------------------------------------
 # One step's loss, and the reference
@@ -260,7 +166,7 @@ def dpo_step_loss(policy: nn.Module, batch: PreferenceBatch, ref_logps: torch.Te
     step's loss and its metrics' means (module docstring); 1 gives this batch's own.
     """
     average = cfg.loss_type == "ipo"
-    with autocast(batch.input_ids.device, cfg.autocast):
+    with common.autocast(batch.input_ids.device, cfg.autocast):
         logps = sequence_logprobs(policy, batch.input_ids, batch.attention_mask,
                                   batch.labels, average=average)            # [S]
     ref_logps = ref_logps.to(logps.dtype)
@@ -285,7 +191,7 @@ def reference_logps(model: nn.Module, batch: PreferenceBatch, cfg: DPOConfig, *,
     off = disable_adapters(model) if adapters_off else contextlib.nullcontext()
     model.eval()
     try:
-        with torch.no_grad(), off, autocast(batch.input_ids.device, cfg.autocast):
+        with torch.no_grad(), off, common.autocast(batch.input_ids.device, cfg.autocast):
             return sequence_logprobs(model, batch.input_ids, batch.attention_mask,
                                      batch.labels, average=cfg.loss_type == "ipo")
     finally:
@@ -413,78 +319,46 @@ def _build_reference(cfg: DPOConfig, model: nn.Module, device: torch.device,
 
 def train(cfg: DPOConfig) -> Path:
     """Run (or resume) DPO as ``cfg`` says; returns the run folder (module docstring)."""
-    device = choose_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = common.choose_device(cfg.device)
+    common.seed_everything(cfg.seed)
 
     # -- 1. The inputs, checked before the run folder is touched --------------------------
-    local_folder(cfg.model, "--model")
-    tokenizer_dir = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer is None:
-        raise ValueError(f"--tokenizer: no tokenizer in {tokenizer_dir} (tokenizer.json, "
-                         f"tokenizer_config.json, ...); pass --tokenizer")
-    train_set, eval_set = load_preferences(
-        cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
-        keep_prompt_tokens=cfg.keep_prompt_tokens, use_chat_template=cfg.chat_template,
-        eval_path=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    tokenizer = common.load_run_tokenizer(cfg)
+    train_set, eval_set = load_preferences(cfg.data, tokenizer, **common.data_options(cfg))
     datasets = {"train": train_set} | ({"eval": eval_set} if eval_set is not None else {})
     # One sampler batch = one optimizer step's prompts, cut into micro-batches below.
-    step_prompts = cfg.batch_size * cfg.grad_accum
-    loader = BatchLoader(train_set, step_prompts, seed=cfg.seed,
-                         num_epochs=None if cfg.max_steps else cfg.epochs, shuffle=cfg.shuffle)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
+    loader, total_steps = common.step_loader(train_set, cfg)
 
     # -- 2. Run folder, model, reference, optimizer, schedule; the checkpoint's state -----
-    run_dir, ckpt = start_run(cfg.out, cfg.resume, device=device)
-    model = setup_model(cfg.model, dtype=cfg.dtype, device=device, lora_r=cfg.lora_r,
-                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        lora_targets=cfg.lora_targets,
-                        gradient_checkpointing=cfg.gradient_checkpointing,
-                        attn_implementation=cfg.attn_implementation)
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total_steps,
-                              min_lr_ratio=cfg.min_lr_ratio)
-    if ckpt is not None and ckpt.extra.get("step_prompts", step_prompts) != step_prompts:
-        raise CheckpointError(
-            f"--resume: the run used --batch-size x --grad-accum = "
-            f"{ckpt.extra['step_prompts']} prompts per step, this one {step_prompts}; the "
-            f"data position only carries over with the same number")
+    run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
+    common.check_step_batch(ckpt, cfg, "prompts")     # before the reference's forwards
+    model = common.setup_model_from_config(cfg, device)
+    optimizer, scheduler = common.optimizer_and_schedule(model, cfg, total_steps)
     reference, ref_line, unsaved = _build_reference(
         cfg, model, device, datasets, run_dir, ckpt.path.parent.parent if ckpt else None)
-    step, data_state, extra = restore(ckpt, model, optimizer, scheduler)
-    if data_state is not None:
-        loader.load_state_dict(data_state)
-    write_config(run_dir, cfg, resumed=ckpt is not None)
+    step, _, extra = common.restore(ckpt, model, optimizer, scheduler, loader)
+    common.write_config(run_dir, cfg, resumed=ckpt is not None)
     if unsaved:
         _write_cache(run_dir / REFERENCE_FILE, reference.cache, _cache_key(cfg))
-    tokens_seen = int(extra.get("tokens_seen", 0))
-    order = iter(loader.sampler)
 
-    with RunLogger(run_dir, total_steps, resume_step=ckpt.step if ckpt else None,
-                   desc="dpo") as logger:
-        logger.write(describe_model(model))
+    with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None, desc="dpo") as logger:
+        common.log_start(logger, model, ckpt, step, total_steps, datasets)
         logger.write(ref_line)
-        if ckpt is None:
-            stats = {f"{split}_{k}": v for split, data in datasets.items()
-                     for k, v in data.stats.as_dict().items()}
-            logger.write("data: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-            logger.log(0, **stats)
-        else:
-            logger.write(f"resumed from {ckpt.path} at step {step} of {total_steps}")
-        names = ("loss",) + METRICS
-        window, window_steps, window_tokens = [0.0] * len(names), 0, 0
+        books = common.Bookkeeper(
+            logger, run_dir, cfg, total_steps, model=model, optimizer=optimizer,
+            scheduler=scheduler, loader=loader, extra=extra,
+            evaluate=None if eval_set is None else (
+                lambda: evaluate(model, reference, eval_set, cfg, device)))
 
         # -- 3. The loop: one optimizer step per iteration --------------------------------
+        params = common.trainable_parameters(model)      # what the loop clips
+        order = iter(loader.sampler)
         while step < total_steps:
             step += 1
             units = next(order)
-            sums = torch.zeros(len(names), device=device)    # loss and METRICS of the step
+            sums = torch.zeros(1 + len(METRICS), device=device)   # loss and METRICS
             n_tokens = 0
-            for i in range(0, len(units), cfg.batch_size):
-                part = units[i:i + cfg.batch_size]
+            for part in common.micro_batches(units, cfg.batch_size):
                 cpu_batch = loader.collate(part)
                 n_tokens += int(cpu_batch.attention_mask.sum())
                 batch = cpu_batch.to(device)
@@ -493,69 +367,15 @@ def train(cfg: DPOConfig) -> Path:
                                             weight=len(part) / len(units))
                 loss.backward()
                 sums += torch.stack([loss.detach(), *stats.values()]).to(sums)
-            grad_norm = clip_gradients(params, cfg.max_grad_norm)
+            grad_norm = common.clip_gradients(params, cfg.max_grad_norm)
+            values, norm = common.sync_and_check(step, sums, grad_norm)
+            lr = common.optimizer_step(optimizer, scheduler)
+            books.end_step(step, n_tokens, lr=lr, grad_norm=norm,
+                           **dict(zip(("loss",) + METRICS, values)))
 
-            # The step's one host sync: the loss and norm are checked before the update,
-            # so a diverged step changes nothing and saves nothing.
-            *values, norm = torch.cat([sums, grad_norm.float().reshape(1)]).tolist()
-            check_finite(step, values[0])
-            if not math.isfinite(norm):
-                raise NonFiniteLossError(
-                    f"the gradient norm is {norm} at step {step} (loss {values[0]:.4g}): "
-                    f"training diverged and nothing was saved for this step; resume from "
-                    f"the last checkpoint with a lower --lr or --max-grad-norm")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            tokens_seen += n_tokens
-            window = [a + b for a, b in zip(window, values)]
-            window_steps, window_tokens = window_steps + 1, window_tokens + n_tokens
-            evals = {}
-            if eval_set is not None and (step == total_steps
-                                         or cfg.eval_every and step % cfg.eval_every == 0):
-                evals = evaluate(model, reference, eval_set, cfg, device)
-            if evals or step % cfg.log_every == 0 or step == total_steps:
-                means = {k: v / window_steps for k, v in zip(names, window)}
-                logger.log(step, tokens=window_tokens, **means, lr=lr, grad_norm=norm,
-                           tokens_seen=tokens_seen, epoch=round(step / steps_per_epoch, 4),
-                           **evals)
-                window, window_steps, window_tokens = [0.0] * len(names), 0, 0
-            if save_due(step, cfg.save_every, total_steps):
-                # After the step's batches were fetched: the position is the next step's.
-                save_state(run_dir, step, model=model, optimizer=optimizer,
-                           scheduler=scheduler, data_state=loader.state_dict(),
-                           extra={"tokens_seen": tokens_seen, "step_prompts": step_prompts},
-                           keep=cfg.keep_checkpoints)
-
-        final = export_model(model, run_dir, tokenizer=tokenizer, base_model=cfg.model)
+        final = common.export_model(model, run_dir, tokenizer=tokenizer, base_model=cfg.model)
         logger.write(f"final model: {final}")
     return run_dir
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "kernelrl dpo") -> int:
-    """The command line: parse ``argv`` (default ``sys.argv[1:]``) into a DPOConfig and
-    train. Bad flags or settings exit with status 2 (argparse's usage error); an input or
-    run-folder problem, or a diverged loss, prints one line naming it and returns 1."""
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Direct Preference Optimization (DPO and its loss variants) of a causal "
-                    "LM on preference pairs or rankings, against a frozen reference.",
-        epilog="Settings may also come from --config FILE.toml (same names, flags override "
-               "it); a run's config.toml repeats it.")
-    add_dataclass_args(parser, DPOConfig)
-    namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
-        cfg = config_from_namespace(DPOConfig, namespace)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        train(cfg)
-    except (ValueError, OSError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

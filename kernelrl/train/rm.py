@@ -47,7 +47,7 @@ Where this deviates from the paper:
   r_better − r_worse, not ``--margin``) count every pair once; the loss every prompt once.
 
 Run folder (``--out``): config.toml, metrics.jsonl (loss, accuracy, margin, lr, grad_norm,
-tokens_per_s, tokens_seen, epoch; eval_loss, eval_accuracy, eval_margin at eval steps and
+tokens_per_s, tokens_seen, epoch; eval/loss, eval/accuracy, eval/margin at eval steps and
 at the end), curves.png, checkpoints/step-<N>/ (the trainable state, with the head;
 optimizer, schedule, RNG, data position: ``--resume`` continues exactly), and the final
 model, which ``load_reward_model`` reads back:
@@ -64,35 +64,27 @@ Command line: ``python -m kernelrl.train.rm --help`` (or ``kernelrl rm``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from kernelrl.models.hf import load_model, load_tokenizer, local_folder
-from kernelrl.models.lora import (CONFIG_NAME, DEFAULT_TARGET_MODULES, apply_lora,
-                                  load_adapter, save_adapter)
+from kernelrl.models.hf import load_model, local_folder
+from kernelrl.models.lora import CONFIG_NAME, load_adapter
 from kernelrl.models.reward import RewardModel
 from kernelrl.nn.lora import check_adapter_name
 from kernelrl.ops.preference import reward_loss
+from kernelrl.train import common
 from kernelrl.train.batching import BatchLoader, PreferenceBatch
-from kernelrl.train.checkpoint import CheckpointError, save_due
-from kernelrl.train.common import (ADAPTER_DIR, MODEL_DIR, autocast, build_optimizer,
-                                   choose_device, clip_gradients, describe_model,
-                                   export_model, parse_targets, restore, save_state,
-                                   seed_everything, setup_model, start_run,
-                                   trainable_parameters, warmup_cosine, warmup_steps_for,
-                                   write_config)
-from kernelrl.train.config import add_dataclass_args, config_from_namespace
-from kernelrl.train.data import OVERLONG, PreferenceDataset, load_preferences
-from kernelrl.train.metrics import NonFiniteLossError, RunLogger, check_finite
+from kernelrl.train.common import ADAPTER_DIR, MODEL_DIR
+from kernelrl.train.data import PreferenceDataset, load_preferences
+from kernelrl.train.metrics import RunLogger
 
 __all__ = ["RMConfig", "SCORE_FILE", "score_sequences", "pairwise_loss", "evaluate", "train",
            "load_reward_model", "main"]
@@ -101,152 +93,50 @@ SCORE_FILE = "score.safetensors"     # the head of a LoRA export, beside the ada
 
 
 @dataclass
-class RMConfig:
-    """Reward-model training on ranked comparisons (Bradley–Terry on scalar scores)."""
+class RMConfig(common.TrainConfig):
+    """Reward-model training on ranked comparisons (Bradley–Terry on scalar scores).
 
-    model: str = field(metadata={"help": "local causal LM folder (config.json + safetensors, "
-                                         "e.g. the SFT export); never downloaded"})
-    data: str = field(metadata={"help": "training JSONL: {\"prompt\", \"chosen\", "
-                                        "\"rejected\"} or {\"prompt\", \"responses\": "
-                                        "[best, ..., worst]} per line"})
-    out: str = field(metadata={"help": "run folder: config, metrics, checkpoints, final "
-                                       "model; must not hold another run's checkpoints"})
-    tokenizer: Optional[str] = field(default=None, metadata={
-        "help": "tokenizer folder (default: the --model folder)"})
-    eval_data: Optional[str] = field(default=None, metadata={
-        "help": "held-out JSONL in the same format (or use --eval-fraction)"})
-    eval_fraction: float = field(default=0.0, metadata={
-        "help": "fraction of --data's prompts held out for evaluation, picked by --seed"})
-    eval_every: int = field(default=0, metadata={
-        "help": "evaluate every this many steps (0: only at the end); needs held-out data"})
+    The settings every trainer takes are declared in ``kernelrl.train.common.TrainConfig``;
+    the fields below change the default or help of some of them, then add the reward
+    model's own."""
+
+    data: str = field(metadata={"help": common.PREFERENCE_DATA_HELP})
     epochs: int = field(default=1, metadata={
         "help": "passes over the training data (InstructGPT: 1, the reward model overfits "
                 "after that)"})
-    max_steps: Optional[int] = field(default=None, metadata={
-        "help": "optimizer steps to run; overrides --epochs (the data then cycles)"})
-    batch_size: int = field(default=4, metadata={
-        "help": "prompts per micro-batch, each with all its K responses (K sequences)"})
-    grad_accum: int = field(default=1, metadata={
-        "help": "micro-batches per optimizer step; the loss is averaged over the prompts "
-                "of the whole step"})
     lr: float = field(default=9e-6, metadata={
         "help": "peak learning rate (AdamW; InstructGPT's reward model: 9e-6)"})
-    min_lr_ratio: float = field(default=0.0, metadata={
-        "help": "final learning rate of the cosine decay, as a fraction of --lr"})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW weight decay (matrices only; not biases or norms)"})
-    warmup_steps: int = field(default=0, metadata={
-        "help": "linear warmup steps (or use --warmup-ratio)"})
-    warmup_ratio: float = field(default=0.0, metadata={
-        "help": "linear warmup as a fraction of the steps (or use --warmup-steps)"})
-    max_grad_norm: float = field(default=1.0, metadata={
-        "help": "clip the gradients' global L2 norm to this (0: no clipping)"})
-    max_length: int = field(default=1024, metadata={
-        "help": "tokens per sequence (prompt + one response)"})
-    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
-        "help": "a sequence over --max-length: truncate (the prompt first, one cut for all "
-                "responses) or drop that response and its pairs"})
-    keep_prompt_tokens: Optional[int] = field(default=None, metadata={
-        "help": "when truncating, keep at least this many prompt tokens (default: "
-                "max_length // 2)"})
-    chat_template: bool = field(default=True, metadata={
-        "help": "format with the tokenizer's chat template when it has one"})
-    shuffle: bool = field(default=True, metadata={
-        "help": "shuffle the prompts each epoch (seeded by --seed)"})
+    lora_r: int = field(default=0, metadata={
+        "help": "LoRA rank R; 0 trains every decoder parameter (full fine-tuning)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed for the head and adapter initialisation, data order, split, dropout"})
     margin: float = field(default=0.0, metadata={
         "help": "margin subtracted inside the sigmoid: −logσ(r_better − r_worse − margin) "
                 "(0: the paper's loss)"})
     center_coef: float = field(default=0.0, metadata={
         "help": "weight of the reward-centering term (r_better + r_worse)², which keeps "
                 "scores near 0 (0: off, the paper's loss; TRL suggests 0.01)"})
-    lora_r: int = field(default=0, metadata={
-        "help": "LoRA rank R; 0 trains every decoder parameter (full fine-tuning)"})
-    lora_alpha: float = field(default=16.0, metadata={
-        "help": "LoRA alpha (the update is scaled by alpha / R)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=",".join(DEFAULT_TARGET_MODULES), metadata={
-        "help": "comma-separated module names that get adapters, or all-linear"})
     adapter_name: str = field(default="reward", metadata={
         "help": "name of the LoRA adapter (the name a PPO trainer loads it under)"})
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
-        "help": "dtype of the model weights"})
-    autocast: Literal["none", "bfloat16"] = field(default="none", metadata={
-        "help": "run the forward under bf16 autocast (weights keep --dtype)"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
-        "help": "auto: cuda when available, else cpu"})
-    attn_implementation: Optional[str] = field(default=None, metadata={
-        "help": "attention kernel: sdpa, eager, flash_attention_2, ... (default: "
-                "transformers' choice)"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward to save memory"})
-    seed: int = field(default=0, metadata={
-        "help": "seed for the head and adapter initialisation, data order, split, dropout"})
-    resume: Optional[str] = field(default=None, metadata={
-        "help": "continue a run: latest (the last checkpoint in --out), or a run folder "
-                "or checkpoints/step-<N> folder"})
-    save_every: int = field(default=500, metadata={
-        "help": "checkpoint every this many steps (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={
-        "help": "checkpoints kept (the newest ones)"})
-    log_every: int = field(default=1, metadata={
-        "help": "write metrics every this many steps (averaged over them)"})
 
     def __post_init__(self):
-        _check_settings(self)
+        common.validate_common(self)
+        common.check_numbers(self, {
+            "margin": (math.isfinite, "a finite number"),
+            "center_coef": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")})
+        try:
+            check_adapter_name(self.adapter_name)
+        except ValueError:
+            raise common.bad_setting(self, "adapter_name", "a Python identifier (it becomes "
+                                                           "a parameter name)") from None
 
 
-# The integer settings and their least value.
-_INT_FLOORS = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2, "log_every": 1,
-               "keep_checkpoints": 1, "eval_every": 0, "save_every": 0, "warmup_steps": 0,
-               "lora_r": 0}
-
-
-def _check_settings(cfg: RMConfig) -> None:
-    """ValueError naming the flag for the first setting that cannot be used."""
-    def bad(name: str, expected: str) -> ValueError:
-        flag = "--" + name.replace("_", "-")
-        return ValueError(f"{flag}: expected {expected}, got {getattr(cfg, name)!r}")
-
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    for name, floor in _INT_FLOORS.items():
-        if not is_int(getattr(cfg, name)) or getattr(cfg, name) < floor:
-            raise bad(name, f"an int >= {floor}")
-    if cfg.max_steps is not None and (not is_int(cfg.max_steps) or cfg.max_steps < 1):
-        raise bad("max_steps", "an int >= 1 or none")
-    ranges = {  # name: (test, what it expects)
-        "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-        "eval_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        "warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-        "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0: off)"),
-        "margin": (math.isfinite, "a finite number"),
-        "center_coef": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-        "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-        "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    }
-    for name, (test, expected) in ranges.items():
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
-            raise bad(name, expected)
-    if cfg.overlong not in OVERLONG:
-        raise bad("overlong", f"one of {OVERLONG}")
-    try:
-        check_adapter_name(cfg.adapter_name)
-    except ValueError:
-        raise bad("adapter_name", "a Python identifier (it becomes a parameter name)") \
-            from None
-    if cfg.warmup_steps and cfg.warmup_ratio:
-        raise ValueError(f"--warmup-steps {cfg.warmup_steps} and --warmup-ratio "
-                         f"{cfg.warmup_ratio}: give one or the other")
-    if cfg.eval_data is not None and cfg.eval_fraction:
-        raise ValueError("--eval-data and --eval-fraction: give one or the other")
-    if cfg.eval_every and cfg.eval_data is None and not cfg.eval_fraction:
-        raise ValueError(f"--eval-every {cfg.eval_every}: there is no held-out data to "
-                         f"evaluate on; give --eval-data or --eval-fraction")
-
+def main(argv: Sequence[str] | None = None, prog: str = "kernelrl rm") -> int:
+    """``kernelrl rm``: ``run_main`` for RMConfig and ``train`` (exit status 0, 1 or 2)."""
+    return common.run_main(RMConfig, train, argv, prog=prog,
+                           description="Train a Bradley-Terry reward model on ranked "
+                                       "comparisons (chosen/rejected pairs or K-way rankings, "
+                                       "all C(K,2) pairs of a prompt in one batch).")
 
 # ----------------------------------------------------------------------------------------
 # Scores and the loss
@@ -258,7 +148,7 @@ def score_sequences(model: RewardModel, batch: PreferenceBatch, device: torch.de
     the whole batch, each response once."""
     ids = batch.input_ids.to(device, non_blocking=True)
     mask = batch.attention_mask.to(device, non_blocking=True)
-    with autocast(device, precision):
+    with common.autocast(device, precision):
         return model(ids, mask)
 
 
@@ -335,33 +225,25 @@ def _build_model(cfg: RMConfig, device: torch.device,
     and the head train; the causal LM is returned too, since the adapter's PEFT key names
     are relative to it. Without LoRA every decoder weight and the head train, and the
     causal LM (its lm_head unused) is not kept."""
-    lm = setup_model(cfg.model, dtype=cfg.dtype, device=device, lora_r=0,
-                     gradient_checkpointing=cfg.gradient_checkpointing,
-                     attn_implementation=cfg.attn_implementation)
-    if cfg.lora_r:
-        # Not through setup_model's lora_r: that names the adapter "default".
-        apply_lora(lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                   target_modules=parse_targets(cfg.lora_targets),
-                   adapter_name=cfg.adapter_name)
+    lm = common.setup_model_from_config(cfg, device, adapter_name=cfg.adapter_name)
     model = RewardModel.from_causal_lm(lm, pad_token_id=pad_token_id)
-    model.score.requires_grad_(True)       # apply_lora froze the rest; the head trains
+    model.score.requires_grad_(True)       # LoRA froze the rest; the head trains
     model.train()
     return model, (lm if cfg.lora_r else None)
 
 
 def _export_lora(model: RewardModel, lm: nn.Module, run_dir: Path, cfg: RMConfig,
                  tokenizer) -> Path:
-    """``<run>/adapter``: the PEFT folder of the adapter, the head, the tokenizer."""
+    """``<run>/adapter``: the PEFT folder of the adapter (keyed like the causal LM), the
+    head, the tokenizer."""
     from safetensors.torch import save_file
 
-    folder = run_dir / ADAPTER_DIR
-    save_adapter(lm, folder, adapter_name=cfg.adapter_name,
-                 base_model_name_or_path=str(Path(cfg.model).resolve()))
+    folder = common.export_model(lm, run_dir, tokenizer=tokenizer, base_model=cfg.model,
+                                 adapter_name=cfg.adapter_name)
     head = model.score.weight.detach().cpu().contiguous()
     save_file({"weight": head}, str(folder / SCORE_FILE),
               metadata={"format": "pt", "pad_token_id": str(model.pad_token_id),
                         "adapter_name": cfg.adapter_name})
-    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -461,68 +343,38 @@ def _load_lora_export(folder: Path, base, adapter_name, dtype, device, attn_impl
 def train(cfg: RMConfig) -> Path:
     """Run (or resume) reward-model training as ``cfg`` says; returns the run folder (see
     the module docstring for its contents)."""
-    device = choose_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = common.choose_device(cfg.device)
+    common.seed_everything(cfg.seed)
 
     # -- 1. The inputs, checked before the run folder is touched --------------------------
-    local_folder(cfg.model, "--model")
-    tokenizer_dir = cfg.tokenizer if cfg.tokenizer is not None else cfg.model
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if tokenizer is None:
-        raise ValueError(f"--tokenizer: the folder {tokenizer_dir} holds no tokenizer "
-                         f"(tokenizer.json, tokenizer_config.json, ...); pass --tokenizer")
-    train_set, eval_set = load_preferences(
-        cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
-        keep_prompt_tokens=cfg.keep_prompt_tokens, use_chat_template=cfg.chat_template,
-        eval_path=cfg.eval_data, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
-    step_prompts = cfg.batch_size * cfg.grad_accum       # one sampler batch = one step
-    loader = BatchLoader(train_set, step_prompts, seed=cfg.seed,
-                         num_epochs=None if cfg.max_steps else cfg.epochs, shuffle=cfg.shuffle)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
+    tokenizer = common.load_run_tokenizer(cfg)
+    train_set, eval_set = load_preferences(cfg.data, tokenizer, **common.data_options(cfg))
+    loader, total_steps = common.step_loader(train_set, cfg)   # one sampler batch = one step
 
     # -- 2. Run folder, model, optimizer, schedule; the checkpoint's state if resuming ---
-    run_dir, ckpt = start_run(cfg.out, cfg.resume, device=device)
+    run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
+    common.check_step_batch(ckpt, cfg, "prompts")
     model, lm = _build_model(cfg, device, train_set.pad_token_id)
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total_steps,
-                              min_lr_ratio=cfg.min_lr_ratio)
-    step, data_state, extra = restore(ckpt, model, optimizer, scheduler)
-    if data_state is not None:
-        saved = extra.get("step_prompts", step_prompts)
-        if saved != step_prompts:
-            raise CheckpointError(
-                f"--resume: the run used --batch-size x --grad-accum = {saved} prompts per "
-                f"step, this one {step_prompts}; the data position only carries over with "
-                f"the same number")
-        loader.load_state_dict(data_state)
-    write_config(run_dir, cfg, resumed=ckpt is not None)
-    tokens_seen = int(extra.get("tokens_seen", 0))
-    order = iter(loader.sampler)
+    optimizer, scheduler = common.optimizer_and_schedule(model, cfg, total_steps)
+    step, _, extra = common.restore(ckpt, model, optimizer, scheduler, loader)
+    common.write_config(run_dir, cfg, resumed=ckpt is not None)
 
-    with RunLogger(run_dir, total_steps, resume_step=ckpt.step if ckpt else None,
-                   desc="rm") as logger:
-        logger.write(describe_model(model))
-        if ckpt is not None:
-            logger.write(f"resumed from {ckpt.path} at step {step} of {total_steps}")
-        else:
-            stats = {}
-            for split, data in (("train", train_set), ("eval", eval_set)):
-                if data is not None:
-                    stats |= {f"{split}_{k}": v for k, v in data.stats.as_dict().items()}
-            logger.write("data: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-            logger.log(0, **stats)
-        window_loss = window_right = window_gap = 0.0     # summed over the logging window
-        window_steps = window_pairs = window_tokens = 0
+    with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None, desc="rm") as logger:
+        common.log_start(logger, model, ckpt, step, total_steps,
+                         {"train": train_set, "eval": eval_set})
+        books = common.Bookkeeper(
+            logger, run_dir, cfg, total_steps, model=model, optimizer=optimizer,
+            scheduler=scheduler, loader=loader, extra=extra,
+            evaluate=None if eval_set is None else lambda: {
+                f"eval/{k}": v for k, v in evaluate(model, eval_set, cfg, device).items()})
 
         # -- 3. The loop: one optimizer step per iteration --------------------------------
+        params = common.trainable_parameters(model)      # what the loop clips
+        order = iter(loader.sampler)
         while step < total_steps:
             step += 1
             units = next(order)
-            micro = [loader.collate(units[i:i + cfg.batch_size])
-                     for i in range(0, len(units), cfg.batch_size)]
+            micro = [loader.collate(part) for part in common.micro_batches(units, cfg.batch_size)]
             prompts = sum(b.num_prompts for b in micro)                # B of the step
             sums = torch.zeros(3, device=device)                       # loss, right, Σ gap
             for batch in micro:
@@ -534,55 +386,19 @@ def train(cfg: RMConfig) -> Path:
                 gaps = _gaps(scores, batch)
                 sums += torch.stack([micro_loss.detach(), (gaps > 0).sum().float(),
                                      gaps.sum()])
-            grad_norm = clip_gradients(params, cfg.max_grad_norm)
-
-            # The step's one host sync: the loss and norm are checked before the update,
-            # so a diverged step changes nothing and saves nothing.
-            loss_value, right, gap, norm_value = torch.cat(
-                [sums, grad_norm.float().reshape(1)]).tolist()
-            check_finite(step, loss_value)
-            if not math.isfinite(norm_value):
-                raise NonFiniteLossError(
-                    f"the gradient norm is {norm_value} at step {step} (loss "
-                    f"{loss_value:.4g}): training diverged, and nothing was saved for this "
-                    f"step; resume from the last checkpoint with a lower --lr or "
-                    f"--max-grad-norm")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            n_tokens = sum(int(b.lengths.sum()) for b in micro)
-            tokens_seen += n_tokens
-            window_loss, window_right = window_loss + loss_value, window_right + right
-            window_gap, window_steps = window_gap + gap, window_steps + 1
-            window_pairs += sum(b.num_pairs for b in micro)
-            window_tokens += n_tokens
-
-            metrics = {}
-            if eval_set is not None and (step == total_steps
-                                         or cfg.eval_every and step % cfg.eval_every == 0):
-                held_out = evaluate(model, eval_set, cfg, device)
-                metrics = {f"eval_{k}": v for k, v in held_out.items()}
-            if metrics or step % cfg.log_every == 0 or step == total_steps:
-                logger.log(step, tokens=window_tokens, loss=window_loss / window_steps,
-                           accuracy=window_right / window_pairs,
-                           margin=window_gap / window_pairs,
-                           lr=lr, grad_norm=norm_value, tokens_seen=tokens_seen,
-                           epoch=round(step / steps_per_epoch, 4), **metrics)
-                window_loss = window_right = window_gap = 0.0
-                window_steps = window_pairs = window_tokens = 0
-            if save_due(step, cfg.save_every, total_steps):
-                # After the step's batches were fetched: the position is the next step's.
-                save_state(run_dir, step, model=model, optimizer=optimizer,
-                           scheduler=scheduler, data_state=loader.state_dict(),
-                           extra={"tokens_seen": tokens_seen, "step_prompts": step_prompts},
-                           keep=cfg.keep_checkpoints)
+            grad_norm = common.clip_gradients(params, cfg.max_grad_norm)
+            (loss_value, right, gap), norm = common.sync_and_check(step, sums, grad_norm)
+            lr = common.optimizer_step(optimizer, scheduler)
+            # accuracy and margin: means over the window's pairs; the loss over its steps
+            pairs = sum(b.num_pairs for b in micro)
+            books.end_step(step, sum(int(b.lengths.sum()) for b in micro), lr=lr,
+                           grad_norm=norm, loss=loss_value, accuracy=(right, pairs),
+                           margin=(gap, pairs))
 
         if lm is not None:
             final = _export_lora(model, lm, run_dir, cfg, tokenizer)
         else:
-            final = export_model(model, run_dir, tokenizer=tokenizer)
+            final = common.export_model(model, run_dir, tokenizer=tokenizer)
             if model.pad_token_id == tokenizer.eos_token_id:
                 logger.write("note: the pad id is the EOS id, so Hugging Face's sequence "
                              "classifier scores the token before a final EOS, where "
@@ -590,31 +406,6 @@ def train(cfg: RMConfig) -> Path:
                              "tokenizer a pad token of its own to make them agree")
         logger.write(f"final model: {final}")
     return run_dir
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "kernelrl rm") -> int:
-    """The command line: parse ``argv`` (default ``sys.argv[1:]``) into an RMConfig and
-    train. Bad flags or settings exit with status 2 (argparse's usage error); an input or
-    run-folder problem, or a diverged loss, prints one line naming it and returns 1."""
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a Bradley-Terry reward model on ranked comparisons "
-                    "(chosen/rejected pairs or K-way rankings, all C(K,2) pairs of a "
-                    "prompt in one batch).",
-        epilog="Settings may also come from --config FILE.toml (same names, flags override "
-               "it); a run's config.toml repeats it.")
-    add_dataclass_args(parser, RMConfig)
-    namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
-        cfg = config_from_namespace(RMConfig, namespace)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        train(cfg)
-    except (ValueError, OSError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,18 +3,21 @@
 log 2 at the first step with each kind of reference, learning through the command line,
 every loss type against kernelrl.ops.dpo_loss on the same log-probs, prompt-exact gradient
 accumulation, a ranking against its explicit pairs, bitwise resume, the precomputed
-reference against the copy, and errors that leave an existing run alone.
+reference against the copy. Errors that leave an existing run alone (with DPO's own bad
+settings) and a diverged loss stopping the run are tested for every trainer in
+test_train_common.py.
 """
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_helpers
 from dpo_helpers import as_pairs, direct_loss, pair_examples, ranking_example
-from train_helpers import snapshot, write_jsonl, write_model_folder
+from train_helpers import (Interrupt, Runs, assert_weights_close, help_text, patch_from_call,
+                           run_records, write_jsonl, write_model_folder)
 from kernelrl.models.hf import load_model, load_tokenizer
 from kernelrl.ops import dpo_loss
 from kernelrl.ops.preference import LOSS_TYPES
@@ -23,44 +26,26 @@ from kernelrl.train.batching import collate_preferences
 from kernelrl.train.checkpoint import find_latest, load_checkpoint, load_model_state
 from kernelrl.train.config import config_from_args
 from kernelrl.train.data import load_preferences
-from kernelrl.train.metrics import NonFiniteLossError, read_metrics
+from kernelrl.train.metrics import read_metrics
 
+one_thread = train_helpers.one_thread     # the shared fixtures, in use in this module
+model_dir = train_helpers.model_dir
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: quick tiny steps on a shared machine, and the same thread
-    count in every run that a bitwise comparison pairs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny model folder and three data files: 24 pairs; 8 pairs; 19 pairs and 3
-    rankings of 3 (prompts with 1 and 3 pairs, so per-prompt weights matter)."""
+def runs(model_dir, tmp_path_factory):
+    """DPO runs of the tiny model on three data files: 24 pairs (the default); 8 pairs;
+    19 pairs and 3 rankings of 3 (prompts with 1 and 3 pairs, so per-prompt weights
+    matter)."""
     root = tmp_path_factory.mktemp("dpo")
     mixed = pair_examples(19, seed=2) + [ranking_example(0, 3), ranking_example(2, 5),
                                          ranking_example(1, 4)]
-    return {"model": write_model_folder(root / "model"),
-            "pairs": write_jsonl(root / "pairs.jsonl", pair_examples(24, seed=0)),
+    data = {"pairs": write_jsonl(root / "pairs.jsonl", pair_examples(24, seed=0)),
             "small": write_jsonl(root / "small.jsonl", pair_examples(8, seed=1)),
             "mixed": write_jsonl(root / "mixed.jsonl", mixed)}
-
-
-def _args(files, out, *extra, data="pairs"):
-    return ["--model", str(files["model"]), "--data", str(files[data]), "--out", str(out),
-            "--device", "cpu", "--lr", "1e-2", "--beta", "0.5", "--seed", "3",
-            *map(str, extra)]
-
-
-def _cfg(files, out, data="pairs", **changes):
-    base = dpo.DPOConfig(model=str(files["model"]), data=str(files[data]), out=str(out),
-                         device="cpu", lr=1e-2, beta=0.5, seed=3)
-    return replace(base, **changes)
+    return Runs(dpo.DPOConfig, model_dir, data,
+                {"device": "cpu", "lr": 1e-2, "beta": 0.5, "seed": 3})
 
 
 def _records(run_dir):
@@ -76,20 +61,11 @@ def _weights(run_dir):
     raise AssertionError(f"{run_dir} holds no exported model")
 
 
-class _Interrupt(Exception):
-    pass
-
-
 # ----------------------------------------------------------------------------------------
 
 
-def test_help_lists_every_flag_and_loss_type(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        dpo.main(["--help"])
-    assert exit_info.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for name in dpo.DPOConfig.__dataclass_fields__:
-        assert "--" + name.replace("_", "-") in text, name
+def test_help_shows_the_dpo_settings_and_every_loss_type(capsys):
+    text = " ".join(help_text(dpo, capsys).split())
     assert "{" + ",".join(LOSS_TYPES) + "}" in text
     assert "(default: sigmoid)" in text and "(default: copy)" in text
     assert "ignored with --lora-r > 0" in text
@@ -97,7 +73,7 @@ def test_help_lists_every_flag_and_loss_type(capsys):
 
 
 @pytest.mark.parametrize("kind", ["copy", "precompute", "lora"])
-def test_first_step_loss_is_log2_when_the_policy_is_the_reference(files, tmp_path, capsys,
+def test_first_step_loss_is_log2_when_the_policy_is_the_reference(runs, tmp_path, capsys,
                                                                    kind):
     """At step 1 the policy is the reference, so every pair's loss is −log σ(0) = log 2,
     with each way of keeping the reference. 8 prompts of a shuffled order: a precomputed
@@ -106,7 +82,7 @@ def test_first_step_loss_is_log2_when_the_policy_is_the_reference(files, tmp_pat
     flags = ["--max-steps", 1, "--batch-size", 8]
     flags += (["--lora-r", 4, "--lora-dropout", 0.1, "--ref", "precompute"] if kind == "lora"
               else ["--ref", kind])
-    assert dpo.main(_args(files, out, *flags)) == 0
+    assert dpo.main(runs.args(out, *flags)) == 0
     err = capsys.readouterr().err
     [first] = _records(out)
     assert first["step"] == 1
@@ -120,20 +96,17 @@ def test_first_step_loss_is_log2_when_the_policy_is_the_reference(files, tmp_pat
     assert (out / dpo.REFERENCE_FILE).is_file() == (kind == "precompute")
 
 
-def test_learns_a_preference_through_the_cli(files, tmp_path, capsys):
+def test_learns_a_preference_through_the_cli(runs, tmp_path, capsys):
     out = tmp_path / "run"
     flags = ("--epochs", 6, "--batch-size", 4, "--lr", "2e-3", "--warmup-steps", 2,
              "--eval-fraction", 0.25, "--eval-every", 10, "--save-every", 10)
-    assert dpo.main(_args(files, out, *flags)) == 0, capsys.readouterr().err
+    assert dpo.main(runs.args(out, *flags)) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "train_pairs 18" in err and "eval_pairs 6" in err        # data stats at start
 
-    records = read_metrics(out)
-    assert records[0]["step"] == 0 and records[0]["train_kept"] == 18
-    steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 31))        # 6 epochs x 5 steps
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", *dpo.METRICS):
-        assert all(key in r for r in steps), key
+    records, steps = run_records(out, 30, ("loss", "lr", "grad_norm", "tokens_per_s",
+                                           "tokens_seen", *dpo.METRICS))   # 6 epochs x 5 steps
+    assert records[0]["train_kept"] == 18
     for r in steps:
         assert r["rewards/margins"] == pytest.approx(
             r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
@@ -155,16 +128,16 @@ def test_learns_a_preference_through_the_cli(files, tmp_path, capsys):
     assert (out / "model" / "config.json").is_file()
     assert (out / "model" / "tokenizer.json").is_file()
     again = config_from_args(dpo.DPOConfig, ["--config", str(out / "config.toml")])
-    assert again == config_from_args(dpo.DPOConfig, _args(files, out, *flags))
+    assert again == config_from_args(dpo.DPOConfig, runs.args(out, *flags))
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_every_loss_type_matches_dpo_loss_on_the_same_logprobs(files, tmp_path, loss_type):
+def test_every_loss_type_matches_dpo_loss_on_the_same_logprobs(runs, tmp_path, loss_type):
     """Two steps over all 8 prompts. Step 1 (policy = reference) is dpo_loss at c = r = 0;
     step 2 is recomputed here from the step-1 checkpoint, the initial model and
     kernelrl.ops.dpo_loss on their sequence log-probs (means for ipo)."""
-    cfg = _cfg(files, tmp_path / "run", data="small", loss_type=loss_type, batch_size=8,
-               max_steps=2, save_every=1, label_smoothing=0.1)
+    cfg = runs.cfg(tmp_path / "run", data="small", loss_type=loss_type, batch_size=8,
+                   max_steps=2, save_every=1, label_smoothing=0.1)
     run = dpo.train(cfg)
     steps = _records(run)
     zero = torch.zeros(1)
@@ -172,35 +145,34 @@ def test_every_loss_type_matches_dpo_loss_on_the_same_logprobs(files, tmp_path, 
                              label_smoothing=0.1)
     assert steps[0]["loss"] == pytest.approx(at_zero.item(), rel=1e-5)
 
-    policy = load_model(files["model"])
+    policy = load_model(runs.model)
     load_model_state(dict(policy.named_parameters()),
                      load_checkpoint(run / "checkpoints" / "step-1").model)
-    dataset, _ = load_preferences(files["small"], load_tokenizer(files["model"]),
+    dataset, _ = load_preferences(runs.data["small"], load_tokenizer(runs.model),
                                   max_length=cfg.max_length)
     batch = collate_preferences(dataset.samples, dataset.pad_token_id)
     with torch.no_grad():
-        loss, metrics = direct_loss(policy, load_model(files["model"]), batch, cfg)
+        loss, metrics = direct_loss(policy, load_model(runs.model), batch, cfg)
     assert steps[1]["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert abs(loss.item() - at_zero.item()) > 1e-4       # step 2 is not step 1 again
     for key, value in metrics.items():
         assert steps[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
-def test_grad_accum_matches_one_big_batch(files, tmp_path):
+def test_grad_accum_matches_one_big_batch(runs, tmp_path):
     """2 x 2 micro-batches and one batch of 4 prompts see the same prompts per step and
     give the same run up to fp32 rounding, also at the end of an epoch (22 prompts: the
     last step holds 2) and with prompts of 1 and 3 pairs; 2 prompts per step does not.
     Parameters are compared to lr / 100, the metrics to 1e-5 relative."""
     def run(name, batch_size, grad_accum):
-        cfg = _cfg(files, tmp_path / name, data="mixed", batch_size=batch_size,
-                   grad_accum=grad_accum, epochs=2, warmup_steps=1, save_every=0,
-                   weight_decay=0.1)
+        cfg = runs.cfg(tmp_path / name, data="mixed", batch_size=batch_size,
+                       grad_accum=grad_accum, epochs=2, warmup_steps=1, save_every=0,
+                       weight_decay=0.1)
         return dpo.train(cfg)
 
     split, whole, other = run("split", 2, 2), run("whole", 4, 1), run("other", 2, 1)
-    a, b = _weights(split), _weights(whole)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4)
+    b = _weights(whole)
+    assert_weights_close(_weights(split), b, atol=1e-4)
     steps_a, steps_b = _records(split), _records(whole)
     assert len(steps_a) == len(steps_b) == 12
     for ra, rb in zip(steps_a, steps_b):
@@ -211,15 +183,15 @@ def test_grad_accum_matches_one_big_batch(files, tmp_path):
     assert max((c[n] - b[n]).abs().max().item() for n in b) > 1e-2
 
 
-def test_a_ranking_is_its_pairs_in_fewer_forwards(files, tmp_path, monkeypatch):
+def test_a_ranking_is_its_pairs_in_fewer_forwards(runs, tmp_path, monkeypatch):
     """One prompt ranking 3 responses, against the same 3 pairs written out as 3 lines:
     the same loss and gradients, from 3 forwarded sequences instead of 6."""
-    tokenizer = load_tokenizer(files["model"])
+    tokenizer = load_tokenizer(runs.model)
     example = ranking_example(0, 4)
     paths = {"ranking": write_jsonl(tmp_path / "ranking.jsonl", [example]),
              "pairs": write_jsonl(tmp_path / "pairs.jsonl", as_pairs(example))}
     policy = load_model(write_model_folder(tmp_path / "policy", seed=5))
-    reference = load_model(files["model"])
+    reference = load_model(runs.model)
     cfg = dpo.DPOConfig(model="-", data="-", out="-", beta=0.5)
     rows = []
     real = dpo.sequence_logprobs
@@ -251,7 +223,7 @@ def test_a_ranking_is_its_pairs_in_fewer_forwards(files, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("setup", ["precompute", "lora"])
-def test_stop_and_resume_is_bitwise(files, tmp_path, monkeypatch, setup):
+def test_stop_and_resume_is_bitwise(runs, tmp_path, monkeypatch, setup):
     """4 steps straight, against 4 steps stopped in the second micro-batch of step 3 and
     resumed from the step-2 checkpoint: the same weights and metrics, bit for bit. The
     precomputed reference is read back, not recomputed; LoRA runs with dropout, so the
@@ -260,20 +232,12 @@ def test_stop_and_resume_is_bitwise(files, tmp_path, monkeypatch, setup):
              else dict(lora_r=4, lora_alpha=8, lora_dropout=0.1))
 
     def cfg(name, **changes):
-        return _cfg(files, tmp_path / name, data="mixed", batch_size=2, grad_accum=2,
-                    max_steps=4, save_every=2, eval_fraction=0.2, **extra, **changes)
+        return runs.cfg(tmp_path / name, data="mixed", batch_size=2, grad_accum=2,
+                        max_steps=4, save_every=2, eval_fraction=0.2, **extra, **changes)
 
     reference = dpo.train(cfg("reference"))
-    real, calls = dpo.dpo_step_loss, []
-
-    def stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 * 2 + 2:
-            raise _Interrupt("step 3, second micro-batch")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dpo, "dpo_step_loss", stop)
-    with pytest.raises(_Interrupt):
+    patch_from_call(monkeypatch, dpo, "dpo_step_loss", 2 * 2 + 2)   # step 3, 2nd micro-batch
+    with pytest.raises(Interrupt):
         dpo.train(cfg("stopped"))
     monkeypatch.undo()
     assert find_latest(tmp_path / "stopped").name == "step-2"
@@ -292,89 +256,28 @@ def test_stop_and_resume_is_bitwise(files, tmp_path, monkeypatch, setup):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_precompute_gives_the_losses_of_copy(files, tmp_path, loss_type):
+def test_precompute_gives_the_losses_of_copy(runs, tmp_path, loss_type):
     """The same run with a frozen copy and with precomputed log-probs (sums, or means for
     ipo), train and eval, over rankings too: equal up to fp32 rounding (the cache was
     computed in other batches, so with other padding). At step 1 every margin is 0 up
     to that rounding, so which side of 0 it falls on, rewards/accuracies, is not compared."""
-    runs = {}
+    records = {}
     for ref in ("copy", "precompute"):
-        cfg = _cfg(files, tmp_path / ref, data="mixed", ref=ref, loss_type=loss_type,
-                   batch_size=3, max_steps=6, eval_fraction=0.2, eval_every=3, save_every=0)
-        runs[ref] = _records(dpo.train(cfg))
-    assert len(runs["copy"]) == 6 and "eval/loss" in runs["copy"][2]
-    for a, b in zip(runs["copy"], runs["precompute"]):
+        cfg = runs.cfg(tmp_path / ref, data="mixed", ref=ref, loss_type=loss_type,
+                       batch_size=3, max_steps=6, eval_fraction=0.2, eval_every=3, save_every=0)
+        records[ref] = _records(dpo.train(cfg))
+    assert len(records["copy"]) == 6 and "eval/loss" in records["copy"][2]
+    for a, b in zip(records["copy"], records["precompute"]):
         assert a.keys() == b.keys()
         for key in a.keys() - ({"rewards/accuracies"} if a["step"] == 1 else set()):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
 
 
-def test_errors_leave_an_existing_run_alone(files, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert dpo.main(_args(files, out, "--max-steps", 2, "--ref", "precompute")) == 0
-    before = snapshot(out)
-    assert dpo.REFERENCE_FILE in before
-    capsys.readouterr()
-
-    bad = write_jsonl(tmp_path / "bad.jsonl", [
-        {"prompt": "count", "chosen": "one", "rejected": "two"},
-        {"prompt": "count", "chosen": 3, "rejected": "two"}])
-    args = _args(files, out, "--max-steps", 2)
-    args[args.index("--data") + 1] = str(bad)
-    assert dpo.main(args) == 1
-    assert f'{bad}:2: "chosen" must be a string' in capsys.readouterr().err
-
-    args = _args(files, out, "--max-steps", 2)
-    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
-    assert dpo.main(args) == 1
-    err = capsys.readouterr().err
-    assert "--model" in err and "no-such-model" in err
-
-    for flags, message in ((("--loss-type", "exo_pair"), "--label-smoothing: expected"),
-                           (("--loss-type", "robust", "--label-smoothing", 0.5),
-                            "--label-smoothing: expected"),
-                           (("--beta", 0), "--beta: expected"),
-                           (("--eval-every", 5), "no held-out data"),
-                           (("--loss-type", "kto"), "--loss-type"),
-                           (("--batch-size", 0), "--batch-size: expected an int >= 1")):
-        with pytest.raises(SystemExit) as exit_info:
-            dpo.main(_args(files, out, *flags))
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err, flags
-
-    assert dpo.main(_args(files, out, "--max-steps", 2)) == 1       # no --resume
-    assert "already holds" in capsys.readouterr().err
-    assert dpo.main(_args(files, out, "--max-steps", 2, "--ref", "precompute",
-                          "--batch-size", 8, "--resume", "latest")) == 1
-    assert "--batch-size x --grad-accum = 4 prompts" in capsys.readouterr().err
-    assert snapshot(out) == before
-
-
-def test_nan_loss_stops_with_the_step_named(files, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    real, calls = dpo.sequence_logprobs, []
-
-    def poisoned(*args, **kwargs):          # reference then policy: step 3 starts at call 5
-        calls.append(1)
-        result = real(*args, **kwargs)
-        return result * float("nan") if len(calls) >= 5 else result
-
-    monkeypatch.setattr(dpo, "sequence_logprobs", poisoned)
-    assert dpo.main(_args(files, out, "--batch-size", 8, "--max-steps", 6,
-                          "--save-every", 2)) == 1
-    assert "at step 3" in capsys.readouterr().err
-    assert find_latest(out).name == "step-2"
-    assert not (out / "checkpoints" / "step-3").exists() and not (out / "model").exists()
-    assert max(r["step"] for r in read_metrics(out)) == 2
-    with pytest.raises(NonFiniteLossError, match="step 3"):
-        dpo.train(_cfg(files, out, batch_size=8, max_steps=6, save_every=2, resume="latest"))
-
-
-def test_lora_checkpointing_and_bf16_autocast_run(files, tmp_path):
-    run = dpo.train(_cfg(files, tmp_path / "run", data="mixed", max_steps=3, batch_size=2,
-                         lora_r=4, lora_alpha=8, gradient_checkpointing=True,
-                         autocast="bfloat16", loss_type="ipo", eval_fraction=0.2,
-                         save_every=0))
+def test_lora_checkpointing_and_bf16_autocast_run(runs, tmp_path):
+    run = dpo.train(runs.cfg(tmp_path / "run", data="mixed", max_steps=3, batch_size=2,
+                             lora_r=4, lora_alpha=8, gradient_checkpointing=True,
+                             autocast="bfloat16", loss_type="ipo", eval_fraction=0.2,
+                             save_every=0))
     records = _records(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["loss"] is not None and r["grad_norm"] > 0 for r in records)

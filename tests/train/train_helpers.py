@@ -1,5 +1,8 @@
 """Tiny, offline building blocks for the trainer tests: a word-level tokenizer, a random
-2-layer Llama saved the way ``save_pretrained`` saves a real model, and SFT data.
+2-layer Llama saved the way ``save_pretrained`` saves a real model, SFT data, and what
+every trainer's tests use: the ``one_thread`` and ``model_dir`` fixtures (import them into
+a test module to use them there), command lines and configs, bitwise comparison, and
+patching a trainer's function to fail or return NaN from its n-th call on.
 
 Nothing here downloads anything: the tokenizer is built in memory with ``tokenizers`` and
 wrapped in a ``PreTrainedTokenizerFast``; the model comes from a ``LlamaConfig``.
@@ -9,8 +12,10 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -78,3 +83,128 @@ def snapshot(folder) -> dict[str, bytes]:
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------
+# What the trainers' tests share
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (subprocesses get OMP_NUM_THREADS=1 too): on a shared, busy
+    machine two threads waiting on each other make tiny steps very slow, and the bitwise
+    comparisons need the same thread count in every run they pair."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny model folder with its tokenizer (``write_model_folder``, seed 0)."""
+    return write_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def cli_args(model, data, out, *extra, **settings) -> list[str]:
+    """A trainer's command line: ``--model``, ``--data``, ``--out``, then ``settings`` as
+    flags (``lr=1e-2`` -> ``--lr 1e-2``), then ``extra`` verbatim (a later flag wins)."""
+    args = ["--model", str(model), "--data", str(data), "--out", str(out)]
+    for name, value in settings.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    return args + [str(x) for x in extra]
+
+
+def make_config(cls, model, data, out, **settings):
+    """A trainer config ``cls`` with the three required paths and ``settings``."""
+    return cls(model=str(model), data=str(data), out=str(out), **settings)
+
+
+@dataclass
+class Runs:
+    """One trainer's runs on the tiny model, as a test module makes them: command lines
+    (``args``) and configs (``cfg``) with the module's ``settings``. ``data``: the
+    training file, or several by name (the first is the default); a run may name one or
+    pass another path."""
+
+    config: type            # the trainer's config class
+    model: Path
+    data: Path | dict[str, Path]
+    settings: dict
+
+    def path(self, data: str | Path | None = None) -> Path:
+        """The training file: ``data`` if it is a path, else the one it names, else the
+        default."""
+        if isinstance(data, Path):
+            return data
+        if isinstance(self.data, dict):
+            return self.data[data] if data is not None else next(iter(self.data.values()))
+        return self.data
+
+    def args(self, out, *extra, data: str | Path | None = None) -> list[str]:
+        """``cli_args`` for a run into ``out`` (``extra`` flags last, so they win)."""
+        return cli_args(self.model, self.path(data), out, *extra, **self.settings)
+
+    def cfg(self, out, data: str | Path | None = None, **changes):
+        """The config of a run into ``out``: the module's settings, then ``changes``."""
+        return make_config(self.config, self.model, self.path(data), out,
+                           **(self.settings | changes))
+
+
+def run_records(run_dir, total_steps: int, keys) -> tuple[list[dict], list[dict]]:
+    """(every record, the training records) of a fresh run's metrics.jsonl, after
+    checking that the first is step 0 (the data statistics) and that steps 1..S each have
+    one training record (a ``loss``) holding every one of ``keys``."""
+    from kernelrl.train.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    assert records[0]["step"] == 0 and "loss" not in records[0]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, total_steps + 1))
+    for key in keys:
+        assert all(key in r for r in steps), key
+    return records, steps
+
+
+def help_text(module, capsys) -> str:
+    """What ``module.main(["--help"])`` (a trainer's command line) prints; it must exit 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    """Two name -> tensor dicts hold the same names and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_weights_close(a: dict, b: dict, atol: float) -> None:
+    """Two name -> tensor dicts hold the same names and tensors within ``atol``."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol)
+
+
+class Interrupt(Exception):
+    """Raised by ``patch_from_call`` to stop a run where a test wants it stopped."""
+
+
+def patch_from_call(monkeypatch, module, name: str, call: int, value: float | None = None):
+    """Replace ``module.name`` so that from its ``call``-th call on (1-based) it raises
+    ``Interrupt`` (``value`` None) or returns its result times ``value`` (NaN: a diverged
+    step). Returns the list of calls so far (one entry per call)."""
+    real = getattr(module, name)
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= call and value is None:
+            raise Interrupt(f"call {len(calls)} of {name}")
+        result = real(*args, **kwargs)
+        return result * value if len(calls) >= call else result
+
+    monkeypatch.setattr(module, name, patched)
+    return calls
