@@ -31,30 +31,6 @@ evaluation and checkpoint cadence). Each trainer's loop calls them in the same o
 ``run_main(ConfigClass, train, argv, prog=..., description=...)`` is every trainer's
 ``main``: bad flags or settings exit with status 2, a run error returns 1.
 
-The settings. Every entry point has one flat config dataclass whose fields its command-line
-flags mirror one to one. The settings all trainers take (``--model``, ``--data``,
-``--out``, the schedule, LoRA, precision, checkpointing, ...) are declared once, in the
-data-only base ``TrainConfig``, and a trainer's config is a dataclass subclass of it:
-
-    @dataclass
-    class SFTConfig(TrainConfig):
-        \"\"\"Supervised fine-tuning ...\"\"\"            # the --help description
-        lr: float = field(default=2e-5, metadata={"help": "peak learning rate (AdamW)"})
-        packing: bool = field(default=False, metadata={"help": "..."})
-
-        def __post_init__(self):
-            validate_common(self)
-            ...  the checks of its own fields (check_numbers, bad_setting)
-
-Redeclaring a shared field (``lr``) changes only its default or help, and it keeps its
-place; a new field (``packing``) comes after the shared ones. So the config stays flat:
-``dataclasses.fields(SFTConfig)`` is every setting, one flag each (the shared ones first,
-in the order declared here, then the trainer's own), and config.toml holds them all as
-``name = value`` lines. Why a base class rather than three copies: the shared fields,
-their help and their range checks then have one definition, and the trainers cannot drift
-apart. ``TrainConfig`` holds fields only: no methods, no ``__post_init__``, so no trainer
-inherits behaviour from it; each subclass calls ``validate_common`` itself.
-
 What a run folder holds (``<out>/``): ``config.toml`` (the settings used, written when the
 run starts; ``--config <out>/config.toml`` repeats the run), ``metrics.jsonl``,
 ``curves.png``, ``checkpoints/step-<N>/`` (``kernelrl.train.checkpoint``), and the final
@@ -72,33 +48,19 @@ every parameter trains and is checkpointed. Either way it is
 named (``adapter_name``, "default" unless given): several can sit on one base, e.g. a PPO
 trainer's ``policy`` and ``value``.
 
-The learning rate (``warmup_cosine``), for optimizer step s = 0, 1, ..., S − 1 of S steps,
-W warmup steps and floor ratio m:
-
-    f(s) = (s + 1) / W                                   s < W
-    f(s) = m + (1 − m) · ½ (1 + cos(π (s − W) / (S − W)))   s ≥ W
-    lr(s) = lr · f(s)
-
-so the first step already trains (lr / W, not 0) and the last one is just above m · lr.
-It is a ``LambdaLR`` over a plain function, whose ``state_dict()`` is numbers only, so the
-checkpoint stores it as JSON.
-
-AdamW weight decay (``build_optimizer``) applies to matrices (≥ 2-D: linear weights,
-embeddings, LoRA A and B) and not to vectors (biases, norm gains), the usual split.
+The settings (``TrainConfig``, ``validate_common``, ``run_main``) live in
+``kernelrl.train.settings``, the optimizer, schedule and step checks in
+``kernelrl.train.optim``; both are re-exported here, so a trainer needs ``common`` alone.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -111,10 +73,14 @@ from kernelrl.train.batching import BatchLoader
 from kernelrl.train.checkpoint import (Checkpoint, CheckpointError, apply_checkpoint,
                                        load_checkpoint, prepare_run_dir, save_checkpoint,
                                        save_due)
-from kernelrl.train.config import (add_dataclass_args, config_from_namespace, load_config_file,
-                                   save_config)
-from kernelrl.train.data import OVERLONG
-from kernelrl.train.metrics import NonFiniteLossError, RunLogger, check_finite
+from kernelrl.train.config import load_config_file, save_config
+from kernelrl.train.metrics import RunLogger
+from kernelrl.train.optim import (autocast, build_optimizer, clip_gradients,  # noqa: F401
+                                  lr_factor, optimizer_and_schedule, optimizer_step,
+                                  sync_and_check, trainable_parameters, warmup_cosine,
+                                  warmup_steps_for)
+from kernelrl.train.settings import (PREFERENCE_DATA_HELP, TrainConfig,  # noqa: F401
+                                     bad_setting, check_numbers, run_main, validate_common)
 
 __all__ = ["CONFIG_FILE", "MODEL_DIR", "ADAPTER_DIR", "PREFERENCE_DATA_HELP", "TrainConfig",
            "validate_common", "bad_setting", "check_numbers", "run_main",
@@ -130,181 +96,6 @@ __all__ = ["CONFIG_FILE", "MODEL_DIR", "ADAPTER_DIR", "PREFERENCE_DATA_HELP", "T
 CONFIG_FILE = "config.toml"
 MODEL_DIR = "model"          # final full model (save_pretrained layout)
 ADAPTER_DIR = "adapter"      # final LoRA adapter (PEFT layout)
-#: ``--data``'s help for the preference trainers (reward model, DPO)
-PREFERENCE_DATA_HELP = ('training JSONL: {"prompt", "chosen", "rejected"} or {"prompt", '
-                        '"responses": [best, ..., worst]} per line')
-
-
-# ----------------------------------------------------------------------------------------
-# The shared settings
-
-
-@dataclass
-class TrainConfig:
-    """The settings every trainer takes (module docstring): subclass it, add the trainer's
-    own fields, redeclare a field here only to change its default or help."""
-
-    model: str = field(metadata={"help": "local model folder (config.json + safetensors, "
-                                         "as save_pretrained writes it); never downloaded"})
-    data: str = field(metadata={"help": "training JSONL, one example per line"})
-    out: str = field(metadata={"help": "run folder: config, metrics, checkpoints, final "
-                                       "model; must not hold another run's checkpoints"})
-    tokenizer: Optional[str] = field(default=None, metadata={
-        "help": "tokenizer folder (default: the --model folder)"})
-    eval_data: Optional[str] = field(default=None, metadata={
-        "help": "held-out JSONL in the same format (or use --eval-fraction)"})
-    eval_fraction: float = field(default=0.0, metadata={
-        "help": "fraction of --data held out for evaluation, picked by --seed"})
-    eval_every: int = field(default=0, metadata={
-        "help": "evaluate every this many steps (0: only at the end); needs held-out data"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
-    max_steps: Optional[int] = field(default=None, metadata={
-        "help": "optimizer steps to run; overrides --epochs (the data then cycles)"})
-    batch_size: int = field(default=4, metadata={
-        "help": "prompts per micro-batch (each with all its responses), per device"})
-    grad_accum: int = field(default=1, metadata={
-        "help": "micro-batches per optimizer step; the loss is averaged over the prompts "
-                "of the whole step"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW)"})
-    min_lr_ratio: float = field(default=0.0, metadata={
-        "help": "final learning rate of the cosine decay, as a fraction of --lr"})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW weight decay (matrices only; not biases or norms)"})
-    warmup_steps: int = field(default=0, metadata={
-        "help": "linear warmup steps (or use --warmup-ratio)"})
-    warmup_ratio: float = field(default=0.0, metadata={
-        "help": "linear warmup as a fraction of the steps (or use --warmup-steps)"})
-    max_grad_norm: float = field(default=1.0, metadata={
-        "help": "clip the gradients' global L2 norm to this (0: no clipping)"})
-    max_length: int = field(default=1024, metadata={
-        "help": "tokens per sequence (prompt + one response)"})
-    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
-        "help": "a sequence over --max-length: truncate (the prompt first, one cut for all "
-                "of a prompt's responses) or drop that response and its pairs"})
-    keep_prompt_tokens: Optional[int] = field(default=None, metadata={
-        "help": "when truncating, keep at least this many prompt tokens (default: "
-                "max_length // 2)"})
-    chat_template: bool = field(default=True, metadata={
-        "help": "format with the tokenizer's chat template when it has one"})
-    shuffle: bool = field(default=True, metadata={
-        "help": "shuffle the training data each epoch (seeded by --seed)"})
-    lora_r: int = field(default=0, metadata={
-        "help": "LoRA rank R; 0 trains every parameter (full fine-tuning)"})
-    lora_alpha: float = field(default=16.0, metadata={
-        "help": "LoRA alpha (the update is scaled by alpha / R)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=",".join(DEFAULT_TARGET_MODULES), metadata={
-        "help": "comma-separated module names that get adapters, or all-linear"})
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
-        "help": "dtype of the model weights"})
-    autocast: Literal["none", "bfloat16"] = field(default="none", metadata={
-        "help": "run the forward under bf16 autocast (weights keep --dtype)"})
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
-        "help": "auto: cuda when available, else cpu"})
-    attn_implementation: Optional[str] = field(default=None, metadata={
-        "help": "attention kernel: sdpa, eager, flash_attention_2, ... (default: "
-                "transformers' choice)"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward to save memory"})
-    seed: int = field(default=0, metadata={
-        "help": "seed for the initialisation, data order, split and dropout"})
-    resume: Optional[str] = field(default=None, metadata={
-        "help": "continue a run: latest (the last checkpoint in --out), or a run folder "
-                "or checkpoints/step-<N> folder"})
-    save_every: int = field(default=500, metadata={
-        "help": "checkpoint every this many steps (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={
-        "help": "checkpoints kept (the newest ones)"})
-    log_every: int = field(default=1, metadata={
-        "help": "write metrics every this many steps (averaged over them)"})
-
-
-# The integer settings of TrainConfig and their least value.
-_INT_FLOORS = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2, "log_every": 1,
-               "keep_checkpoints": 1, "eval_every": 0, "save_every": 0, "warmup_steps": 0,
-               "lora_r": 0}
-# The number settings of TrainConfig: name -> (test, what it expects).
-_RANGES = {
-    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    "eval_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0: off)"),
-    "lora_alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-}
-
-
-def bad_setting(cfg: Any, name: str, expected: str) -> ValueError:
-    """The error for field ``name`` of ``cfg``: ``--flag-name: expected ..., got ...``."""
-    flag = "--" + name.replace("_", "-")
-    return ValueError(f"{flag}: expected {expected}, got {getattr(cfg, name)!r}")
-
-
-def check_numbers(cfg: Any, ranges: dict[str, tuple[Callable[[float], bool], str]]) -> None:
-    """For each ``name: (test, expected)``: field ``name`` of ``cfg`` must be an int or
-    float (not a bool) that passes ``test``, else ``bad_setting``."""
-    for name, (test, expected) in ranges.items():
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
-            raise bad_setting(cfg, name, expected)
-
-
-def validate_common(cfg: TrainConfig) -> None:
-    """Check the ``TrainConfig`` fields of ``cfg``: a ValueError naming the flag for the
-    first one that cannot be used (the command line exits with status 2 on it). Every
-    trainer config's ``__post_init__`` calls it before checking its own fields.
-
-    Integers have a least value (``--batch-size`` >= 1, ``--max-length`` >= 2, ...),
-    numbers a range (``--lr`` finite and > 0, ratios in [0, 1), ...); ``--warmup-steps``
-    and ``--warmup-ratio``, ``--eval-data`` and ``--eval-fraction`` exclude each other;
-    ``--eval-every`` needs held-out data (``--eval-data`` or ``--eval-fraction``)."""
-    for name, floor in _INT_FLOORS.items():
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < floor:
-            raise bad_setting(cfg, name, f"an int >= {floor}")
-    max_steps = cfg.max_steps
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
-                                  or max_steps < 1):
-        raise bad_setting(cfg, "max_steps", "an int >= 1 or none")
-    check_numbers(cfg, _RANGES)
-    if cfg.overlong not in OVERLONG:
-        raise bad_setting(cfg, "overlong", f"one of {OVERLONG}")
-    if cfg.warmup_steps and cfg.warmup_ratio:
-        raise ValueError(f"--warmup-steps {cfg.warmup_steps} and --warmup-ratio "
-                         f"{cfg.warmup_ratio}: give one or the other")
-    if cfg.eval_data is not None and cfg.eval_fraction:
-        raise ValueError("--eval-data and --eval-fraction: give one or the other")
-    if cfg.eval_every and cfg.eval_data is None and not cfg.eval_fraction:
-        raise ValueError(f"--eval-every {cfg.eval_every}: there is no held-out data to "
-                         f"evaluate on; give --eval-data or --eval-fraction")
-
-
-def run_main(config_cls: type, train: Callable[[Any], Any], argv: Sequence[str] | None, *,
-             prog: str, description: str) -> int:
-    """A trainer's command line: parse ``argv`` (default ``sys.argv[1:]``) into a
-    ``config_cls`` (flags, or ``--config FILE.toml`` with flags on top) and call
-    ``train(cfg)``. Bad flags or settings exit with status 2 (argparse's usage error); an
-    input or run-folder problem, or a diverged loss, prints one line naming it and
-    returns 1; a finished run returns 0."""
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=description,
-        epilog="Settings may also come from --config FILE.toml (same names, flags override "
-               "it); a run's config.toml repeats it.")
-    add_dataclass_args(parser, config_cls)
-    namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
-        cfg = config_from_namespace(config_cls, namespace)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        train(cfg)
-    except (ValueError, OSError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -470,12 +261,6 @@ def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.
     return model
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters with ``requires_grad``, in ``named_parameters`` order (the order the
-    optimizer is built in, which a resumed optimizer state relies on)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> parameter, for every parameter with ``requires_grad``: the whole model
     when fully fine-tuned, the LoRA adapters alone otherwise. The live tensors (not
@@ -490,128 +275,6 @@ def describe_model(model: nn.Module) -> str:
     method = f"LoRA on {len(lora_modules(model))} layers" if lora_modules(model) else "full"
     return (f"model: {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.2f}%, {method})")
-
-
-# ----------------------------------------------------------------------------------------
-# Optimizer, schedule, clipping, the step's checks, autocast
-
-
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: weight decay on the ≥ 2-D ones, none on the
-    1-D ones (biases, norm gains). Groups: [decayed, not decayed], empty ones left out."""
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--lr: expected a finite number > 0, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"--weight-decay: expected a number >= 0, got {weight_decay!r}")
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameter (with --lora-r > 0, check "
-                         "--lora-targets)")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas,
-                             eps=eps)
-
-
-def warmup_steps_for(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
-    """W from ``--warmup-steps`` or ``--warmup-ratio`` (a fraction of the S steps;
-    rounded), at most S. Giving both is an error."""
-    if warmup_steps < 0:
-        raise ValueError(f"--warmup-steps: expected an int >= 0, got {warmup_steps}")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"--warmup-ratio: expected a number in [0, 1), got {warmup_ratio}")
-    if warmup_steps and warmup_ratio:
-        raise ValueError(f"--warmup-steps {warmup_steps} and --warmup-ratio {warmup_ratio}: "
-                         f"give one or the other")
-    steps = warmup_steps or round(warmup_ratio * total_steps)
-    return min(steps, total_steps)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int,
-              min_lr_ratio: float = 0.0) -> float:
-    """f(s) of the module docstring: the multiplier of the peak lr at step s (0-based)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
-                  min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over W steps, then cosine decay to ``min_lr_ratio`` · lr at S steps
-    (module docstring). Call ``scheduler.step()`` once after each ``optimizer.step()``."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps: expected an int >= 1, got {total_steps}")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"--min-lr-ratio: expected a number in [0, 1], got {min_lr_ratio}")
-
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps, total_steps, min_lr_ratio)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, total_steps: int
-                           ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """``build_optimizer`` with ``--lr`` and ``--weight-decay``, and ``warmup_cosine`` over
-    ``total_steps`` with the warmup of ``--warmup-steps`` / ``--warmup-ratio``
-    (``warmup_steps_for``) and ``--min-lr-ratio``."""
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = warmup_steps_for(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
-    scheduler = warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total_steps,
-                              min_lr_ratio=cfg.min_lr_ratio)
-    return optimizer, scheduler
-
-
-def clip_gradients(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Scale the gradients so that their global L2 norm is at most ``max_norm`` (None or
-    ≤ 0: no clipping). Returns the norm before clipping, a 0-d tensor on the gradients'
-    device (no host sync here), for logging and the finite check."""
-    limit = max_norm if max_norm is not None and max_norm > 0 else math.inf
-    return torch.nn.utils.clip_grad_norm_(list(params), limit)
-
-
-def sync_and_check(step: int, sums: torch.Tensor, grad_norm: torch.Tensor
-                   ) -> tuple[list[float], float]:
-    """The step's one host sync, after the backward and before the update: ``sums`` (the
-    step's loss, first, and its other metrics: 0-d or [M] on the device) and the gradient
-    norm of ``clip_gradients`` come back as ([loss, ...], norm). A NaN or infinite loss
-    or norm raises ``NonFiniteLossError`` naming the step, so a diverged step changes
-    nothing and saves nothing."""
-    *values, norm = torch.cat([sums.float().reshape(-1), grad_norm.float().reshape(1)]).tolist()
-    check_finite(step, values[0])
-    if not math.isfinite(norm):
-        raise NonFiniteLossError(
-            f"the gradient norm is {norm} at step {step} (loss {values[0]:.4g}): training "
-            f"diverged, and nothing was saved for this step. Resume from the last "
-            f"checkpoint with a lower --lr or --max-grad-norm")
-    return values, norm
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any) -> float:
-    """Update the parameters, advance the schedule and clear the gradients; returns the
-    learning rate the update used (the one to log for the step)."""
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return lr
-
-
-def autocast(device: torch.device, kind: str):
-    """The forward's precision context: ``"none"`` (ops run in the weights' dtype) or
-    ``"bfloat16"`` (torch.autocast: matmuls in bf16, reductions in fp32; weights, gradients
-    and the optimizer stay in the weights' dtype)."""
-    if kind == "none":
-        return contextlib.nullcontext()
-    if kind == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"--autocast: expected none or bfloat16, got {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------
