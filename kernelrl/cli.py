@@ -1,5 +1,5 @@
-"""Command line: ``kernelrl sft | rm | dpo | info | tune | bench`` (``python -m kernelrl ...`` is the
-same).
+"""Command line: ``kernelrl sft | rm | dpo | grpo | info | tune | bench`` (``python -m
+kernelrl ...`` is the same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
 (and torch) only when it runs, so ``kernelrl --help`` and ``--version`` answer at once.
@@ -82,6 +82,8 @@ TRAINERS = {
     "rm": ("kernelrl.train.rm", "reward model on ranked comparisons (InstructGPT step 2)"),
     "dpo": ("kernelrl.train.dpo", "direct preference optimization on preference pairs or "
                                   "rankings (DPO, IPO and variants)"),
+    "grpo": ("kernelrl.train.grpo", "group relative policy optimization from a reward model or "
+                                    "a Python reward function (GRPO, RLOO, DAPO, Dr. GRPO)"),
 }
 
 
