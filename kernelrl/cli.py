@@ -1,5 +1,5 @@
-"""Command line: ``kernelrl sft | rm | dpo | grpo | info | tune | bench`` (``python -m
-kernelrl ...`` is the same).
+"""Command line: ``kernelrl sft | rm | dpo | grpo | sample | info | tune | bench``
+(``python -m kernelrl ...`` is the same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
 (and torch) only when it runs, so ``kernelrl --help`` and ``--version`` answer at once.
@@ -84,6 +84,8 @@ TRAINERS = {
                                   "rankings (DPO, IPO and variants)"),
     "grpo": ("kernelrl.train.grpo", "group relative policy optimization from a reward model or "
                                     "a Python reward function (GRPO, RLOO, DAPO, Dr. GRPO)"),
+    "sample": ("kernelrl.train.sample", "sample completions of a policy for a prompts file; "
+                                        "--best-of N keeps the best by a reward model or function"),
 }
 
 
