@@ -1,4 +1,5 @@
-"""Command line: ``kernelrl sft | rm | dpo | grpo | sample | info | tune | bench``
+"""Command line: ``kernelrl sft | rm | ppo | dpo | grpo | sample | info | tune |
+bench``
 (``python -m kernelrl ...`` is the same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
@@ -84,6 +85,8 @@ TRAINERS = {
                                   "rankings (DPO, IPO and variants)"),
     "grpo": ("kernelrl.train.grpo", "group relative policy optimization from a reward model or "
                                     "a Python reward function (GRPO, RLOO, DAPO, Dr. GRPO)"),
+    "ppo": ("kernelrl.train.ppo", "PPO with a per-token KL penalty and a value function, from a "
+                                  "reward model or a Python reward function (InstructGPT step 3)"),
     "sample": ("kernelrl.train.sample", "sample completions of a policy for a prompts file; "
                                         "--best-of N keeps the best by a reward model or function"),
 }

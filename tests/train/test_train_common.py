@@ -23,7 +23,7 @@ from rm_helpers import ranked_examples
 from train_helpers import (VOCAB, cli_args, help_text, patch_from_call, sft_examples,
                            snapshot, write_jsonl)
 from kernelrl.models.hf import load_model
-from kernelrl.train import common, dpo, grpo, rm, sft
+from kernelrl.train import common, dpo, grpo, ppo, rm, sft
 from kernelrl.train.checkpoint import Checkpoint, CheckpointError, find_latest, load_checkpoint
 from kernelrl.train.config import config_from_args
 from kernelrl.train.metrics import NonFiniteLossError, RunLogger, read_metrics
@@ -515,6 +515,15 @@ TRAINERS = {
         ((("--group-size", 1), "--group-size: expected an int >= 2"),
          (("--reward-fn", "no_such_reward_module:f"), "--reward-fn: cannot import")),
         ("group_advantages", 3)),                   # one call a step
+    "ppo": Trainer(
+        ppo, ppo.PPOConfig, [{"prompt": e["prompt"]} for e in sft_examples(24, seed=0)],
+        {"lr": 1e-2, "seed": 3, "reward_fn": "rl_helpers:marker_reward", "max_new_tokens": 4,
+         "num_ppo_epochs": 1},
+        [{"prompt": "count"}, {"prompt": 3}], ' "prompt" must be a string, got number',
+        "prompts",
+        ((("--kl-estimator", "k4"), "--kl-estimator: expected one of k1, k2, k3"),
+         (("--adaptive-kl", "--kl-coef", 0), "--adaptive-kl: multiplies --kl-coef")),
+        ("final_hidden_states", 5)),                # the values: rollout, update a step
 }
 # Bad settings every trainer refuses the same way (exit 2, naming the flags).
 SHARED_BAD_SETTINGS = (
