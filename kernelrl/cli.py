@@ -1,5 +1,4 @@
-"""Command line: ``kernelrl sft | rm | ppo | dpo | grpo | sample | info | tune |
-bench``
+"""Command line: ``kernelrl sft | rm | ppo | dpo | grpo | sample | info | tune | bench``
 (``python -m kernelrl ...`` is the same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
