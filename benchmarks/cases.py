@@ -34,6 +34,7 @@ LEGEND = {
     "compile": "torch.compile of eager",
     "torch_chunked": "torch's F.linear_cross_entropy",
     "liger": "Liger-Kernel",
+    "trl": "TRL's SFTTrainer / DPOTrainer step",
 }
 
 
