@@ -340,6 +340,29 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float 
     return model
 
 
+def copy_adapter(model: nn.Module, src: str, dst: str, trainable: bool = True) -> nn.Module:
+    """Add adapter ``dst`` to every layer that holds adapter ``src``, with its rank, alpha,
+    dropout, rsLoRA setting and dtype, and a copy of its weights (e.g. a PPO value adapter
+    started from the reward adapter, without reading it from disk again). Added as
+    ``load_adapter`` adds one (initialised as new, drawing from the global RNG, then
+    overwritten), trainable unless ``trainable=False``; the active adapter does not
+    change. Returns ``model``."""
+    check_adapter_name(dst)
+    mods = [(n, m) for n, m in _require_adapter(model, src, "copy_adapter") if src in m.lora]
+    kinds = {(m.lora.dropout_p(src), m.lora.rslora[src], m.lora.A[src].dtype) for _, m in mods}
+    if len(kinds) > 1:
+        raise ValueError(f"src: adapter {src!r} has a different dropout, rsLoRA setting or "
+                         f"dtype on different layers; copy_adapter needs one of each")
+    (dropout, use_rslora, dtype), = kinds
+    installed = _install(model, [(n, m, m.lora.r[src], m.lora.alpha[src]) for n, m in mods],
+                         dst, dropout, use_rslora, dtype, trainable)
+    with torch.no_grad():
+        for m in installed.values():
+            m.lora.A[dst].copy_(m.lora.A[src])
+            m.lora.B[dst].copy_(m.lora.B[src])
+    return model
+
+
 # ---- PEFT folder format ----------------------------------------------------------------------
 
 def _plain_number(x: float):

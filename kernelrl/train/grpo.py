@@ -32,7 +32,8 @@ A step (what ``--max-steps`` counts):
        ``--mini-batch-size`` prompts: each mini-batch is one optimizer update, its
        micro-batches' gradients accumulated. The first update of a step has ρ = 1 exactly
        (the old log-probs come from the same call on the same weights). The learning-rate
-       schedule advances once per step, after its last update.
+       schedule advances once per step, after its last update
+       (``kernelrl.train.rl_update.run_updates``, the update phase PPO runs too).
 
 Gradient normalisation. ``ppo_loss`` aggregates a micro-batch (``--loss-agg``); the
 update's loss is the same aggregate over its whole mini-batch, so micro-batch m (B_m
@@ -80,9 +81,7 @@ Command line: ``python -m kernelrl.train.grpo --help`` (or ``kernelrl grpo``).
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -91,7 +90,7 @@ import torch
 from torch import nn
 
 from kernelrl.ops import group_advantages, ppo_loss
-from kernelrl.train import common, rl
+from kernelrl.train import common, rl, rl_update, settings
 from kernelrl.train.metrics import RunLogger
 
 __all__ = ["GRPOConfig", "UPDATE_METRICS", "grpo_loss", "train", "main"]
@@ -101,57 +100,27 @@ UPDATE_METRICS = ("pg_loss", "clipfrac", "approx_kl", "kl_loss")
 
 
 @dataclass
-class GRPOConfig(common.TrainConfig):
+class GRPOConfig(settings.RLConfig):
     """GRPO: group-relative advantages, no critic, a KL loss term to the initial model.
 
-    The settings every trainer takes are declared in ``kernelrl.train.common.TrainConfig``;
-    the fields below change the default or help of some of them, then add GRPO's own."""
+    The settings every trainer takes are declared in ``kernelrl.train.settings.TrainConfig``,
+    those GRPO shares with PPO in its subclass ``RLConfig``; the fields below change the
+    default or help of some of them, then add GRPO's own."""
 
-    data: str = field(metadata={"help": 'prompts JSONL: {"prompt": str} per line'})
     batch_size: int = field(default=4, metadata={
         "help": "prompts per micro-batch, per device; each is sampled --group-size times, "
                 "and the micro-batch is generated, scored and trained on together"})
-    grad_accum: int = field(default=1, metadata={
-        "help": "micro-batches per step: a step samples --batch-size x --grad-accum "
-                "prompts"})
     lr: float = field(default=1e-6, metadata={"help": "peak learning rate (AdamW; the "
                                                       "paper: 1e-6)"})
-    max_length: int = field(default=1024, metadata={
-        "help": "tokens per sequence: prompts are cut to --max-length - --max-new-tokens "
-                "unless --max-prompt-length is given"})
-    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
-        "help": "a prompt over its limit: truncate (its oldest tokens go) or drop it"})
-    lora_dropout: float = field(default=0.0, metadata={
-        "help": "must be 0: the policy runs without dropout (the importance ratio needs "
-                "the same network when sampling and updating)"})
-    reward_model: Optional[str] = field(default=None, metadata={
-        "help": "reward model: a kernelrl rm run folder or its model/ or adapter/ export "
-                "(or --reward-fn)"})
-    reward_fn: Optional[str] = field(default=None, metadata={
-        "help": "reward function module:function, importable from the working directory: "
-                "fn(prompts: list[str], responses: list[str]) -> list[float] (or "
-                "--reward-model)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "ε: the ratio is clipped to "
+                                                           "[1 - ε, 1 + ε_high]"})
     group_size: int = field(default=8, metadata={
         "help": "G: completions sampled per prompt (the paper: 64)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens per completion"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
-    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest (0: off)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
-    max_prompt_length: Optional[int] = field(default=None, metadata={
-        "help": "prompt tokens kept (the last ones; default --max-length - "
-                "--max-new-tokens)"})
     baseline: Literal["mean", "loo"] = field(default="mean", metadata={
         "help": "mean: the group's mean (GRPO); loo: the mean of the others (RLOO)"})
     normalize_std: Optional[bool] = field(default=None, metadata={
         "help": "divide advantages by the group's std (default: on for mean, off for "
                 "loo; off with mean is Dr. GRPO)"})
-    num_ppo_epochs: int = field(default=1, metadata={
-        "help": "μ: passes over each step's completions"})
-    mini_batch_size: Optional[int] = field(default=None, metadata={
-        "help": "prompts per optimizer update, a multiple of --batch-size dividing the "
-                "step's (default: the whole step, one update per epoch)"})
-    clip_eps: float = field(default=0.2, metadata={"help": "ε: the ratio is clipped to "
-                                                           "[1 - ε, 1 + ε_high]"})
     clip_eps_high: Optional[float] = field(default=None, metadata={
         "help": "ε_high (default ε; larger is DAPO's clip-higher, e.g. 0.28)"})
     loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = field(
@@ -166,53 +135,14 @@ class GRPOConfig(common.TrainConfig):
         "help": "adapt --kl-penalty towards this KL per completion (Ziegler et al.)"})
     kl_horizon: int = field(default=10000, metadata={
         "help": "completions over which the adaptive --kl-penalty moves"})
-    entropy_coef: float = field(default=0.0, metadata={
-        "help": "weight of the entropy bonus (0: off)"})
-    missing_eos_penalty: Optional[float] = field(default=None, metadata={
-        "help": "subtracted from the score of a completion cut off by --max-new-tokens"})
 
     def __post_init__(self):
-        common.validate_common(self)
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise ValueError(f"--reward-model / --reward-fn: give exactly one, got "
-                             f"{'both' if self.reward_model is not None else 'neither'}")
-        if self.reward_fn is not None:
-            rl.load_reward_fn(self.reward_fn)           # the import fails here, exit 2
-        for name, least in (("group_size", 2), ("max_new_tokens", 1), ("top_k", 0),
-                            ("num_ppo_epochs", 1), ("kl_horizon", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise common.bad_setting(self, name, f"an int >= {least}")
-        finite = math.isfinite
-        common.check_numbers(self, {
-            "temperature": (lambda v: finite(v) and v > 0, "a finite number > 0"),
-            "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-            "clip_eps": (lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-            "kl_loss_coef": (lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-            "kl_penalty": (lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-            "entropy_coef": (finite, "a finite number")})
-        optional = {"clip_eps_high": (lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-                    "kl_target": (lambda v: finite(v) and v > 0, "a finite number > 0"),
-                    "missing_eos_penalty": (finite, "a finite number")}
-        common.check_numbers(self, {k: v for k, v in optional.items()
-                                    if getattr(self, k) is not None})
-        if self.lora_dropout != 0:
-            raise common.bad_setting(self, "lora_dropout", "0 (RL runs the policy without "
-                                                           "dropout)")
-        if self.max_prompt_length is None:
-            if self.max_new_tokens >= self.max_length:
-                raise ValueError(f"--max-new-tokens {self.max_new_tokens}: leaves no room for "
-                                 f"the prompt in --max-length {self.max_length}")
-        elif isinstance(self.max_prompt_length, bool) or \
-                not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1:
-            raise common.bad_setting(self, "max_prompt_length", "an int >= 1 or none")
-        step_prompts = self.batch_size * self.grad_accum
-        mini = self.mini_batch_size
-        if mini is not None and (isinstance(mini, bool) or not isinstance(mini, int) or mini < 1
-                                 or mini % self.batch_size or step_prompts % mini):
-            raise common.bad_setting(self, "mini_batch_size", f"a multiple of --batch-size "
-                                     f"({self.batch_size}) that divides the step's "
-                                     f"{step_prompts} prompts")
+        settings.validate_rl(self)
+        settings.check_ints(self, {"group_size": 2, "kl_horizon": 1})
+        settings.check_numbers(self, {"kl_loss_coef": settings.NONNEGATIVE,
+                                      "kl_penalty": settings.NONNEGATIVE})
+        settings.check_numbers(self, {"clip_eps_high": settings.NONNEGATIVE,
+                                      "kl_target": settings.POSITIVE}, optional=True)
         if self.kl_target is not None and not self.kl_penalty:
             raise ValueError("--kl-target: adapts --kl-penalty, which is 0; give --kl-penalty")
         if self.kl_penalty and self.kl_loss_coef:
@@ -249,15 +179,10 @@ def grpo_loss(model: nn.Module, exp: rl.Experience, advantages: torch.Tensor, cf
     return loss * weight, {k: stats[k] * weight for k in UPDATE_METRICS if k in stats}
 
 
-def _weights(batch: Sequence[rl.Experience], agg: str) -> list[torch.Tensor | float]:
-    """Each micro-batch's share of its mini-batch (module docstring): tokens for
-    token-mean (device tensors, no sync), sequences otherwise."""
-    if agg == "token-mean":
-        counts = [e.rollout.response_mask.sum().float() for e in batch]
-        total = torch.stack(counts).sum()
-        return [c / total for c in counts]
-    rows = sum(e.rollout.batch_size for e in batch)
-    return [e.rollout.batch_size / rows for e in batch]
+def _weigh_by(agg: str) -> str:
+    """What weighs a micro-batch in its mini-batch (module docstring): its share of the
+    response tokens for token-mean, of the sequences otherwise (``rl_update.shares``)."""
+    return "tokens" if agg == "token-mean" else "rows"
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,32 +196,20 @@ def train(cfg: GRPOConfig) -> Path:
 
     # -- 1. The inputs, checked before the run folder is touched --------------------------
     tokenizer = common.load_run_tokenizer(cfg)
-    if cfg.reward_model is not None:
-        rl.check_reward_model(cfg.reward_model)
-    prompt_limit = cfg.max_prompt_length or cfg.max_length - cfg.max_new_tokens
-    train_set, eval_set = rl.load_prompts(
-        cfg.data, tokenizer, max_prompt_length=prompt_limit, overlong=cfg.overlong,
-        use_chat_template=cfg.chat_template, eval_path=cfg.eval_data,
-        eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    train_set, eval_set, sampling = rl.run_prompts(cfg, tokenizer)
     # One sampler batch = one step's prompts, cut into micro-batches below.
     loader, total_steps = common.step_loader(train_set, cfg)
-    sampling = rl.Sampling(cfg.max_new_tokens, train_set.eos_token_id, train_set.pad_token_id,
-                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
     # -- 2. Run folder, policy, reward, reference, optimizer; the checkpoint's state ------
     run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
     common.check_step_batch(ckpt, cfg, "prompts")
     model = common.setup_model_from_config(cfg, device)
-    reward, reward_line = rl.build_reward(
-        reward_model=cfg.reward_model, reward_fn=cfg.reward_fn, policy=model,
-        tokenizer=tokenizer, model_path=cfg.model, dtype=cfg.dtype, device=device,
-        attn_implementation=cfg.attn_implementation, use_chat_template=cfg.chat_template,
-        precision=cfg.autocast)
+    reward, reward_line = rl.run_reward(cfg, model, tokenizer, device)
     rl.disable_dropout(model)       # the policy, and a reward adapter loaded onto it
     reference, ref_line = (rl.Reference.for_policy(model, cfg, device)
                            if cfg.kl_loss_coef or cfg.kl_penalty else (None, "reference: none"))
-    kl_ctl = rl.kl_controller(cfg.kl_penalty, cfg.kl_target, cfg.kl_horizon)
-    state = rl.RunState(loader, kl_controller=kl_ctl)     # what a checkpoint's data holds
+    kl_ctl = rl_update.kl_controller(cfg.kl_penalty, cfg.kl_target, cfg.kl_horizon)
+    state = rl_update.RunState(loader, kl_controller=kl_ctl)   # what a checkpoint's data holds
     optimizer, scheduler = common.optimizer_and_schedule(model, cfg, total_steps)
     step, _, extra = common.restore(ckpt, model, optimizer, scheduler, state)
     common.write_config(run_dir, cfg, resumed=ckpt is not None)
@@ -316,7 +229,6 @@ def train(cfg: GRPOConfig) -> Path:
         # -- 3. The loop: one rollout and its updates per iteration ----------------------
         params = common.trainable_parameters(model)      # what the loop clips
         order = iter(loader.sampler)
-        per_update = (cfg.mini_batch_size or cfg.batch_size * cfg.grad_accum) // cfg.batch_size
         while step < total_steps:
             step += 1
             samples = [train_set[i] for i in next(order)]
@@ -334,44 +246,19 @@ def train(cfg: GRPOConfig) -> Path:
             advantages = advantages.split([e.rollout.batch_size for e in experience])
 
             # Update: μ epochs of mini-batches, one optimizer update each.
-            start = time.perf_counter()
-            minis = math.ceil(len(experience) / per_update)
-            totals, norms = [], []
-            for epoch in range(cfg.num_ppo_epochs):
-                # Several updates a step: the micro-batches in a fresh order each epoch
-                # (global RNG, so a resumed run draws the same); one update: as sampled.
-                turn = (torch.randperm(len(experience)).tolist() if minis > 1
-                        else list(range(len(experience))))
-                for first in range(0, len(turn), per_update):
-                    mini = turn[first:first + per_update]
-                    weights = _weights([experience[i] for i in mini], cfg.loss_agg)
-                    sums = None
-                    for i, weight in zip(mini, weights):
-                        loss, stats = grpo_loss(model, experience[i], advantages[i], cfg,
-                                                weight)
-                        loss.backward()
-                        part = torch.stack([loss.detach().float(),
-                                            *(v.float() for v in stats.values())])
-                        sums = part if sums is None else sums + part
-                    grad_norm = common.clip_gradients(params, cfg.max_grad_norm)
-                    values, norm = common.sync_and_check(step, sums, grad_norm)
-                    totals.append(values)
-                    norms.append(norm)
-                    if len(totals) < cfg.num_ppo_epochs * minis:
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    else:   # the step's last update also advances the schedule
-                        lr = common.optimizer_step(optimizer, scheduler)
-            seconds = time.perf_counter() - start
+            update = rl_update.run_updates(
+                experience, lambda i, weight: grpo_loss(model, experience[i], advantages[i],
+                                                        cfg, weight),
+                cfg, step=step, weigh_by=_weigh_by(cfg.loss_agg), params=params,
+                optimizer=optimizer, scheduler=scheduler)
             if cfg.kl_penalty:
                 metrics["kl_coef"] = kl_ctl.value            # the β this step's scores used
                 kl_ctl.update(metrics["kl"], len(scores))
 
-            names = ("loss",) + tuple(k for k in UPDATE_METRICS if k in stats)
-            means = [sum(column) / len(totals) for column in zip(*totals)]
-            metrics["update/tokens_per_s"] = tokens * cfg.num_ppo_epochs / max(seconds, 1e-9)
-            books.end_step(step, tokens, lr=lr, grad_norm=sum(norms) / len(norms),
-                           **dict(zip(names, means)), **metrics)
+            seconds = max(update.seconds, 1e-9)
+            metrics["update/tokens_per_s"] = tokens * cfg.num_ppo_epochs / seconds
+            books.end_step(step, tokens, lr=update.lr, grad_norm=update.grad_norm,
+                           **update.means, **metrics)
 
         final = common.export_model(model, run_dir, tokenizer=tokenizer, base_model=cfg.model)
         logger.write(f"final model: {final}")

@@ -64,19 +64,20 @@ A step (what ``--max-steps`` counts):
        rounding. The first update of a step has ρ = 1 and V = V_old bitwise (the same
        calls on the same weights). One AdamW over the policy's and the value's trainable
        weights, one learning rate and one global gradient clip over both (``--vf-coef``
-       weighs the value term); the schedule advances after the step's last update.
+       weighs the value term); the schedule advances after the step's last update
+       (``kernelrl.train.rl_update.run_updates``, the update phase GRPO runs too).
 With ``--adaptive-kl``, β then moves towards ``--kl-target`` (Ziegler et al.:
 β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), KL the mean Σ_t d_t of the step's n
-responses, ``rl.AdaptiveKLController``).
+responses, ``rl_update.AdaptiveKLController``).
 
 Gradient checkpointing with the value on the policy's base: the backward recomputes a
 layer with whichever adapter is active then, so each role's part of the backward runs
 under its own adapter (``loss.backward(inputs=...)`` twice, the graph kept in between).
 
 Host syncs in a step, each on purpose: sampling's and each log-prob call's
-(``kernelrl.train.rollout``), the reward function's, one for the rollout metrics
-(``rl.rollout_metrics``), and one per optimizer update (its loss must be finite before the
-weights change; the first one also brings the value statistics back).
+(``kernelrl.train.rollout``), the reward function's, one for the rollout metrics and the
+step's value statistics (``rl.rollout_metrics``), and one per optimizer update (its loss
+must be finite before the weights change).
 
 Where this deviates from InstructGPT:
 - no pretraining-mix term (PPO-ptx, their γ·E[log π(x_pretrain)]): plain PPO;
@@ -106,9 +107,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -119,11 +118,11 @@ from torch import nn
 
 from kernelrl.models.hf import load_model
 from kernelrl.models.logprobs import final_hidden_states
-from kernelrl.models.lora import apply_lora, load_adapter, lora_modules, use_adapter
+from kernelrl.models.lora import apply_lora, copy_adapter, lora_modules, use_adapter
 from kernelrl.ops import kl_penalized_advantages, ppo_loss
-from kernelrl.train import common, rl
+from kernelrl.train import common, rl, rl_update, settings
 from kernelrl.train.metrics import RunLogger
-from kernelrl.train.rm import SCORE_FILE, load_reward_model
+from kernelrl.train.rm import load_reward_model
 from kernelrl.train.rollout import Rollout
 
 __all__ = ["PPOConfig", "ValueModel", "PPOModel", "Targets", "build_value", "step_targets",
@@ -139,11 +138,12 @@ TARGET_METRICS = ("score", "non_score_reward", "value", "explained_variance")
 
 
 @dataclass
-class PPOConfig(common.TrainConfig):
+class PPOConfig(settings.RLConfig):
     """PPO with a per-token KL penalty to the SFT model and a value function (RLHF).
 
-    The settings every trainer takes are declared in ``kernelrl.train.common.TrainConfig``;
-    the fields below change the default or help of some of them, then add PPO's own."""
+    The settings every trainer takes are declared in ``kernelrl.train.settings.TrainConfig``,
+    those PPO shares with GRPO in its subclass ``RLConfig``; the fields below change the
+    default or help of some of them, then add PPO's own."""
 
     model: str = field(metadata={
         "help": "the SFT policy (InstructGPT's --policy): a local model folder; the "
@@ -153,33 +153,13 @@ class PPOConfig(common.TrainConfig):
     batch_size: int = field(default=4, metadata={
         "help": "prompts per micro-batch, per device, one response each; sampled, scored "
                 "and trained on together"})
-    grad_accum: int = field(default=1, metadata={
-        "help": "micro-batches per step: a step samples --batch-size x --grad-accum "
-                "prompts"})
     lr: float = field(default=3e-6, metadata={
         "help": "peak learning rate (one AdamW over the policy and the value function)"})
-    max_length: int = field(default=1024, metadata={
-        "help": "tokens per sequence: prompts are cut to --max-length - --max-new-tokens "
-                "unless --max-prompt-length is given"})
-    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
-        "help": "a prompt over its limit: truncate (its oldest tokens go) or drop it"})
-    lora_dropout: float = field(default=0.0, metadata={
-        "help": "must be 0: the policy runs without dropout (the importance ratio needs "
-                "the same network when sampling and updating)"})
     reward_model: Optional[str] = field(default=None, metadata={
         "help": "reward model: a kernelrl rm run folder or its model/ or adapter/ export "
                 "(or --reward-fn); a LoRA one on --model shares the policy's base"})
-    reward_fn: Optional[str] = field(default=None, metadata={
-        "help": "reward function module:function, importable from the working directory: "
-                "fn(prompts: list[str], responses: list[str]) -> list[float] (or "
-                "--reward-model)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens per response"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
-    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest (0: off)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
-    max_prompt_length: Optional[int] = field(default=None, metadata={
-        "help": "prompt tokens kept (the last ones; default --max-length - "
-                "--max-new-tokens)"})
+    num_ppo_epochs: int = field(default=4, metadata={
+        "help": "μ: passes over each step's responses"})
     kl_coef: float = field(default=0.02, metadata={
         "help": "β of the per-token KL penalty in the reward (InstructGPT: 0.02); the "
                 "initial β with --adaptive-kl"})
@@ -198,66 +178,21 @@ class PPOConfig(common.TrainConfig):
         "help": "clip the reward model's score to [-c, c] before adding it (none: off)"})
     whiten: bool = field(default=True, metadata={
         "help": "whiten the advantages over the step's response tokens"})
-    num_ppo_epochs: int = field(default=4, metadata={
-        "help": "μ: passes over each step's responses"})
-    mini_batch_size: Optional[int] = field(default=None, metadata={
-        "help": "prompts per optimizer update, a multiple of --batch-size dividing the "
-                "step's (default: the whole step, one update per epoch)"})
-    clip_eps: float = field(default=0.2, metadata={
-        "help": "ε: the ratio is clipped to [1 - ε, 1 + ε]"})
     value_clip: float = field(default=0.2, metadata={
         "help": "ε_v: the new value is clipped to the old one ± ε_v in the value loss"})
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    entropy_coef: float = field(default=0.0, metadata={
-        "help": "weight of the entropy bonus (0: off)"})
-    missing_eos_penalty: Optional[float] = field(default=None, metadata={
-        "help": "subtracted from the score of a response cut off by --max-new-tokens"})
 
     def __post_init__(self):
-        common.validate_common(self)
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise ValueError(f"--reward-model / --reward-fn: give exactly one, got "
-                             f"{'both' if self.reward_model is not None else 'neither'}")
-        if self.reward_fn is not None:
-            rl.load_reward_fn(self.reward_fn)           # the import fails here, exit 2
-        for name, least in (("max_new_tokens", 1), ("top_k", 0), ("num_ppo_epochs", 1),
-                            ("kl_horizon", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise common.bad_setting(self, name, f"an int >= {least}")
-        finite = math.isfinite
-        at_least_0 = (lambda v: finite(v) and v >= 0, "a finite number >= 0")
+        settings.validate_rl(self)
+        settings.check_ints(self, {"kl_horizon": 1})
         unit = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
-        common.check_numbers(self, {
-            "temperature": (lambda v: finite(v) and v > 0, "a finite number > 0"),
-            "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-            "kl_coef": at_least_0, "kl_target": (lambda v: finite(v) and v > 0,
-                                                 "a finite number > 0"),
-            "gamma": unit, "lam": unit, "clip_eps": at_least_0, "value_clip": at_least_0,
-            "vf_coef": at_least_0, "entropy_coef": (finite, "a finite number")})
-        optional = {"reward_clip": (lambda v: finite(v) and v > 0, "a finite number > 0"),
-                    "missing_eos_penalty": (finite, "a finite number")}
-        common.check_numbers(self, {k: v for k, v in optional.items()
-                                    if getattr(self, k) is not None})
-        if self.lora_dropout != 0:
-            raise common.bad_setting(self, "lora_dropout", "0 (RL runs the policy without "
-                                                           "dropout)")
+        settings.check_numbers(self, {
+            "kl_coef": settings.NONNEGATIVE, "kl_target": settings.POSITIVE, "gamma": unit,
+            "lam": unit, "value_clip": settings.NONNEGATIVE, "vf_coef": settings.NONNEGATIVE})
+        settings.check_numbers(self, {"reward_clip": settings.POSITIVE}, optional=True)
         if self.adaptive_kl and not self.kl_coef:
             raise ValueError("--adaptive-kl: multiplies --kl-coef, which is 0; give "
                              "--kl-coef > 0")
-        if self.max_prompt_length is None:
-            if self.max_new_tokens >= self.max_length:
-                raise ValueError(f"--max-new-tokens {self.max_new_tokens}: leaves no room for "
-                                 f"the prompt in --max-length {self.max_length}")
-        elif isinstance(self.max_prompt_length, bool) or \
-                not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1:
-            raise common.bad_setting(self, "max_prompt_length", "an int >= 1 or none")
-        step_prompts, mini = self.batch_size * self.grad_accum, self.mini_batch_size
-        if mini is not None and (isinstance(mini, bool) or not isinstance(mini, int) or mini < 1
-                                 or mini % self.batch_size or step_prompts % mini):
-            raise common.bad_setting(self, "mini_batch_size", f"a multiple of --batch-size "
-                                     f"({self.batch_size}) that divides the step's "
-                                     f"{step_prompts} prompts")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "kernelrl ppo") -> int:
@@ -317,10 +252,7 @@ def build_value(cfg: PPOConfig, policy: nn.Module, reward, device) -> tuple[Valu
     line for the log (the layouts: module docstring)."""
     width = policy.get_input_embeddings().weight.shape[1]
     if isinstance(reward, rl.RewardModelScorer) and reward.base is policy:
-        folder = Path(cfg.reward_model).expanduser()
-        if (folder / common.ADAPTER_DIR / SCORE_FILE).is_file():
-            folder = folder / common.ADAPTER_DIR
-        load_adapter(policy, folder, VALUE_ADAPTER, trainable=True)
+        copy_adapter(policy, rl.REWARD_ADAPTER, VALUE_ADAPTER, trainable=True)
         head = _head(width, reward.model.score.weight, device)
         return (ValueModel(policy.get_decoder(), head, base=policy),
                 "value: adapter 'value' and head copied from the reward model's, on the "
@@ -410,12 +342,6 @@ def ppo_micro_loss(policy: nn.Module, value: ValueModel, exp: rl.Experience, tar
     return loss * weight, {k: stats[k] * weight for k in UPDATE_METRICS}
 
 
-def _token_shares(batch: Sequence[rl.Experience]) -> list[torch.Tensor]:
-    """Each micro-batch's share of its mini-batch's response tokens (no host sync)."""
-    counts = torch.stack([e.rollout.response_mask.sum() for e in batch]).float()
-    return list(counts / counts.sum())
-
-
 def _backward(loss: torch.Tensor, model: PPOModel, cfg: PPOConfig) -> None:
     """``loss.backward()``; with gradient checkpointing on one base, the value's part
     under its adapter, then the policy's (module docstring)."""
@@ -443,32 +369,20 @@ def train(cfg: PPOConfig) -> Path:
 
     # -- 1. The inputs, checked before the run folder is touched --------------------------
     tokenizer = common.load_run_tokenizer(cfg)
-    if cfg.reward_model is not None:
-        rl.check_reward_model(cfg.reward_model)
-    train_set, eval_set = rl.load_prompts(
-        cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length or
-        cfg.max_length - cfg.max_new_tokens, overlong=cfg.overlong,
-        use_chat_template=cfg.chat_template, eval_path=cfg.eval_data,
-        eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    train_set, eval_set, sampling = rl.run_prompts(cfg, tokenizer)
     loader, total_steps = common.step_loader(train_set, cfg)   # one sampler batch = one step
-    sampling = rl.Sampling(cfg.max_new_tokens, train_set.eos_token_id, train_set.pad_token_id,
-                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
     # -- 2. Run folder, the four roles, optimizer; the checkpoint's state -----------------
     run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
     common.check_step_batch(ckpt, cfg, "prompts")
     policy = common.setup_model_from_config(cfg, device, adapter_name=POLICY_ADAPTER)
-    reward, reward_line = rl.build_reward(
-        reward_model=cfg.reward_model, reward_fn=cfg.reward_fn, policy=policy,
-        tokenizer=tokenizer, model_path=cfg.model, dtype=cfg.dtype, device=device,
-        attn_implementation=cfg.attn_implementation, use_chat_template=cfg.chat_template,
-        precision=cfg.autocast)
+    reward, reward_line = rl.run_reward(cfg, policy, tokenizer, device)
     value, value_line = build_value(cfg, policy, reward, device)
     model = rl.disable_dropout(PPOModel(policy, value)).train()
     reference, ref_line = rl.Reference.for_policy(policy, cfg, device)
-    kl_ctl = rl.kl_controller(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None,
-                              cfg.kl_horizon)
-    state = rl.RunState(loader, kl_controller=kl_ctl)     # what a checkpoint's data holds
+    kl_ctl = rl_update.kl_controller(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None,
+                                     cfg.kl_horizon)
+    state = rl_update.RunState(loader, kl_controller=kl_ctl)   # what a checkpoint's data holds
     optimizer, scheduler = common.optimizer_and_schedule(model, cfg, total_steps)
     step, _, extra = common.restore(ckpt, model, optimizer, scheduler, state)
     common.write_config(run_dir, cfg, resumed=ckpt is not None)
@@ -488,8 +402,6 @@ def train(cfg: PPOConfig) -> Path:
         # -- 3. The loop: one rollout, its targets and its updates per iteration ---------
         params = common.trainable_parameters(model)      # what the loop clips
         order = iter(loader.sampler)
-        per_update = (cfg.mini_batch_size or cfg.batch_size * cfg.grad_accum) // cfg.batch_size
-        names = ("loss",) + UPDATE_METRICS
         while step < total_steps:
             step += 1
             samples = [train_set[i] for i in next(order)]
@@ -501,48 +413,24 @@ def train(cfg: PPOConfig) -> Path:
                 with torch.no_grad():
                     old_values.append(value(exp.rollout, cfg.autocast))
                 experience.append(exp)
-            metrics, tokens = rl.rollout_metrics(experience)          # one host sync
             kl_coef = kl_ctl.value
-            targets, pending = step_targets(experience, old_values, cfg, kl_coef)
+            targets, stats = step_targets(experience, old_values, cfg, kl_coef)
+            # One host sync for the rollout's numbers and the step's value statistics.
+            metrics, tokens = rl.rollout_metrics(experience, dict(zip(TARGET_METRICS, stats)))
 
             # Update: μ epochs of mini-batches, one optimizer update each.
-            start = time.perf_counter()
-            batches = common.micro_batches(range(len(experience)), per_update)
-            updates, rows, norms = cfg.num_ppo_epochs * len(batches), [], []
-            for epoch in range(cfg.num_ppo_epochs):
-                # Several mini-batches: a fresh order of micro-batches each epoch (global
-                # RNG, so a resumed run draws the same); one: the order sampled.
-                shuffled = (torch.randperm(len(experience)).tolist() if len(batches) > 1
-                            else list(range(len(experience))))
-                for mini in common.micro_batches(shuffled, per_update):
-                    sums = torch.zeros(len(names), device=device)
-                    for i, share in zip(mini, _token_shares([experience[i] for i in mini])):
-                        loss, stats = ppo_micro_loss(policy, value, experience[i], targets[i],
-                                                     cfg, share)
-                        _backward(loss, model, cfg)
-                        sums += torch.stack([loss.detach(), *stats.values()]).float()
-                    grad_norm = common.clip_gradients(params, cfg.max_grad_norm)
-                    # The update's one sync; the first brings the step's value statistics.
-                    got, norm = common.sync_and_check(step, torch.cat([sums, pending]),
-                                                      grad_norm)
-                    if pending.numel():
-                        metrics.update(zip(TARGET_METRICS, got[len(names):]))
-                        pending = pending[:0]
-                    rows.append(got[:len(names)])
-                    norms.append(norm)
-                    if len(rows) < updates:
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    else:   # the step's last update also advances the schedule
-                        lr = common.optimizer_step(optimizer, scheduler)
-            seconds = time.perf_counter() - start
+            update = rl_update.run_updates(
+                experience, lambda i, share: ppo_micro_loss(policy, value, experience[i],
+                                                            targets[i], cfg, share),
+                cfg, step=step, weigh_by="tokens", params=params, optimizer=optimizer,
+                scheduler=scheduler, backward=lambda loss: _backward(loss, model, cfg))
             metrics["kl_coef"] = kl_coef                    # the β this step's rewards used
             kl_ctl.update(metrics["kl"], len(samples))
 
-            means = {name: sum(column) / len(rows) for name, column in zip(names, zip(*rows))}
-            metrics["update/tokens_per_s"] = tokens * cfg.num_ppo_epochs / max(seconds, 1e-9)
-            books.end_step(step, tokens, lr=lr, grad_norm=sum(norms) / len(norms), **means,
-                           **metrics)
+            seconds = max(update.seconds, 1e-9)
+            metrics["update/tokens_per_s"] = tokens * cfg.num_ppo_epochs / seconds
+            books.end_step(step, tokens, lr=update.lr, grad_norm=update.grad_norm,
+                           **update.means, **metrics)
 
         final = common.export_model(policy, run_dir, tokenizer=tokenizer, base_model=cfg.model,
                                     adapter_name=POLICY_ADAPTER)

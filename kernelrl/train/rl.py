@@ -1,10 +1,14 @@
-"""What kernelrl's RL trainers (GRPO, PPO) share: prompts in, scored experience out.
+"""What kernelrl's RL trainers (GRPO, PPO) share: prompts in, scored experience out (their
+settings: ``kernelrl.train.settings.RLConfig``; the update phase, the KL coefficient and
+the checkpointed state: ``kernelrl.train.rl_update``).
 
 Legend: B sequences of a batch (prompts × completions per prompt), P prompt width, R
 response width, T time (P + R); τ the sampling temperature.
 
 The pieces, in the order a step uses them:
 
+- A run's inputs: ``run_prompts`` and ``run_reward`` build its prompts, sampling settings
+  and reward from the settings GRPO and PPO share (``kernelrl.train.settings.RLConfig``).
 - Prompts (``load_prompts``): a JSONL file, ``{"prompt": str}`` per line (a malformed
   line is a ValueError naming ``file:line``). A prompt is tokenised exactly as the SFT,
   reward-model and DPO data layer tokenises the prompt of an example
@@ -32,18 +36,8 @@ The pieces, in the order a step uses them:
   gradients) → the "old" log-probs and entropies (``policy_logprobs``: the very call the
   update makes, so the first update's importance ratio is exactly 1) → the reference's
   log-probs (``Reference``: with LoRA the policy with its adapters disabled, else a frozen
-  copy) → scores. ``rollout_metrics`` turns a step's experience into logged numbers with
-  one host sync.
-- The KL coefficient (``AdaptiveKLController``, Ziegler et al. 2019, "Fine-Tuning
-  Language Models from Human Preferences", §2.2):
-
-      e = clip(KL / target − 1, −0.2, 0.2),    β ← β · (1 + e · n / horizon)
-
-  after each batch of n sequences whose mean KL was KL; ``FixedKLController`` keeps β.
-  Both have ``state_dict()`` / ``load_state_dict()``.
-- ``RunState``: the data position a checkpoint stores, with such state beside it (the KL
-  controller), so that ``common.restore`` and ``common.Bookkeeper`` carry it as they carry
-  the prompt order.
+  copy) → scores. ``rollout_metrics`` turns a step's experience (and any further device
+  statistics of the trainer's) into logged numbers with one host sync.
 
 Dropout: an RL update compares the policy's log-probs with those it had when sampling, so
 the policy runs without dropout (``disable_dropout``); the rollout is sampled in eval
@@ -61,7 +55,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -70,10 +64,15 @@ from kernelrl.models.hf import load_model, load_tokenizer
 from kernelrl.models.lora import CONFIG_NAME, disable_adapters, lora_modules, use_adapter
 from kernelrl.train import common
 from kernelrl.train.data import DataStats, _Formatter, _json_type, read_jsonl, split_records
+# Re-exported: they were defined here before the update phase had a module of its own.
+from kernelrl.train.rl_update import (AdaptiveKLController, FixedKLController,  # noqa: F401
+                                      RunState, kl_controller)
 from kernelrl.train.rm import SCORE_FILE, load_reward_model
 from kernelrl.train.rollout import Rollout, generate, logprob_drift, rollout_logprobs
+from kernelrl.train.settings import RLConfig
 
-__all__ = ["PromptSample", "PromptDataset", "read_prompts", "tokenize_prompts", "load_prompts",
+__all__ = ["run_prompts", "run_reward",
+           "PromptSample", "PromptDataset", "read_prompts", "tokenize_prompts", "load_prompts",
            "load_reward_fn", "check_reward_model", "RewardFunction", "RewardModelScorer",
            "build_reward",
            "apply_missing_eos_penalty", "Sampling", "Reference", "Experience",
@@ -82,6 +81,36 @@ __all__ = ["PromptSample", "PromptDataset", "read_prompts", "tokenize_prompts", 
            "FixedKLController", "kl_controller", "RunState", "REWARD_ADAPTER"]
 
 REWARD_ADAPTER = "reward"      # the reward model's adapter name on a shared base
+
+
+# ----------------------------------------------------------------------------------------
+# A run's prompts and reward, from its settings (``settings.RLConfig``)
+
+
+def run_prompts(cfg: RLConfig, tokenizer
+                ) -> tuple[PromptDataset, PromptDataset | None, Sampling]:
+    """A run's (training prompts, held-out prompts or None, sampling settings), checked
+    before its folder is touched: ``--reward-model`` must exist; the prompts are cut to
+    ``--max-prompt-length`` (default ``--max-length`` − ``--max-new-tokens``)."""
+    if cfg.reward_model is not None:
+        check_reward_model(cfg.reward_model)
+    train, evals = load_prompts(
+        cfg.data, tokenizer, max_prompt_length=cfg.max_prompt_length or
+        cfg.max_length - cfg.max_new_tokens, overlong=cfg.overlong,
+        use_chat_template=cfg.chat_template, eval_path=cfg.eval_data,
+        eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    sampling = Sampling(cfg.max_new_tokens, train.eos_token_id, train.pad_token_id,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    return train, evals, sampling
+
+
+def run_reward(cfg: RLConfig, policy: nn.Module, tokenizer, device: torch.device):
+    """``build_reward`` with a run's settings: (the reward source, a line for the log)."""
+    return build_reward(
+        reward_model=cfg.reward_model, reward_fn=cfg.reward_fn, policy=policy,
+        tokenizer=tokenizer, model_path=cfg.model, dtype=cfg.dtype, device=device,
+        attn_implementation=cfg.attn_implementation, use_chat_template=cfg.chat_template,
+        precision=cfg.autocast)
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,6 +394,15 @@ class Sampling:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
 
+    def generate(self, policy: nn.Module, prompts: Sequence[Sequence[int]],
+                 generator=None) -> Rollout:
+        """``kernelrl.train.rollout.generate`` of ``prompts`` (token-id lists) with these
+        settings, in the caller's mode, grad mode and precision."""
+        return generate(policy, prompts, max_new_tokens=self.max_new_tokens,
+                        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                        eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                        stop_token_ids=self.stop_token_ids, generator=generator)
+
 
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Dropout off everywhere in ``model``, in place: every ``nn.Dropout``'s p and every
@@ -469,11 +507,7 @@ def collect_experience(policy: nn.Module, samples: Sequence[PromptSample], *, sa
     device = policy.get_output_embeddings().weight.device
     start = time.perf_counter()
     with evaluating(policy), torch.no_grad(), common.autocast(device, precision):
-        rollout = generate(policy, [s.ids for s in rows], max_new_tokens=sampling.max_new_tokens,
-                           temperature=sampling.temperature, top_k=sampling.top_k,
-                           top_p=sampling.top_p, eos_token_id=sampling.eos_token_id,
-                           pad_token_id=sampling.pad_token_id,
-                           stop_token_ids=sampling.stop_token_ids)
+        rollout = sampling.generate(policy, [s.ids for s in rows])
     seconds = time.perf_counter() - start
     with torch.no_grad():
         logprobs, entropy = policy_logprobs(policy, rollout, sampling.temperature, precision)
@@ -484,12 +518,15 @@ def collect_experience(policy: nn.Module, samples: Sequence[PromptSample], *, sa
     return Experience(rollout, rows, logprobs, entropy, ref, rewards, scores, seconds)
 
 
-def rollout_metrics(experiences: Sequence[Experience]) -> tuple[dict[str, float], int]:
+def rollout_metrics(experiences: Sequence[Experience],
+                    extra: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, float], int]:
     """(metrics, tokens) of a step's experience, with one host sync: reward (mean),
     reward_std, response_length (mean tokens), truncated (fraction cut off by
     max_new_tokens), entropy (token mean at sampling), kl (mean Σ_t old − ref, with a
     reference), rollout/logprob_drift (max |sampler − old| log-prob), rollout/tokens_per_s
-    (response tokens per second of ``generate``); tokens: prompt + response tokens."""
+    (response tokens per second of ``generate``), then ``extra``'s 0-d device statistics
+    (a trainer's own, brought back by the same sync); tokens: prompt + response tokens."""
     cat = torch.cat
     rewards = cat([e.rewards for e in experiences])
     lengths = cat([e.rollout.response_lengths for e in experiences]).float()
@@ -505,11 +542,14 @@ def rollout_metrics(experiences: Sequence[Experience]) -> tuple[dict[str, float]
         [logprob_drift(e.rollout, e.logprobs) for e in experiences]).amax()
     values["rollout/response_tokens"] = lengths.sum()
     values["tokens"] = sum(e.rollout.attention_mask.sum() for e in experiences)
+    extra = extra or {}
     # The step's one sync for its rollout numbers (outside the update's hot path).
-    host = dict(zip(values, torch.stack([v.double() for v in values.values()]).tolist()))
+    flat = torch.stack([v.double() for v in (*values.values(), *extra.values())]).tolist()
+    host = dict(zip(values, flat))
     tokens, response_tokens = int(host.pop("tokens")), host.pop("rollout/response_tokens")
     seconds = sum(e.generate_seconds for e in experiences)
     host["rollout/tokens_per_s"] = response_tokens / max(seconds, 1e-9)
+    host.update(zip(extra, flat[len(values):]))
     return host, tokens
 
 
@@ -526,86 +566,9 @@ def evaluate_rewards(policy: nn.Module, dataset: PromptDataset, *, batch_size: i
     with evaluating(policy), torch.no_grad(), common.autocast(device, precision):
         for start in range(0, len(dataset), batch_size):
             rows = dataset.samples[start:start + batch_size]
-            rollout = generate(policy, [s.ids for s in rows], generator=generator,
-                               max_new_tokens=sampling.max_new_tokens,
-                               temperature=sampling.temperature, top_k=sampling.top_k,
-                               top_p=sampling.top_p, eos_token_id=sampling.eos_token_id,
-                               pad_token_id=sampling.pad_token_id,
-                               stop_token_ids=sampling.stop_token_ids)
+            rollout = sampling.generate(policy, [s.ids for s in rows], generator)
             total += torch.stack([reward(rollout, rows).sum().double(),
                                   rollout.response_lengths.sum().double()])
     reward_sum, length_sum = total.tolist()
     return {"eval/reward": reward_sum / len(dataset),
             "eval/response_length": length_sum / len(dataset)}
-
-
-# ----------------------------------------------------------------------------------------
-# The KL coefficient
-
-
-class FixedKLController:
-    """A constant β, with the interface of ``AdaptiveKLController``."""
-
-    def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
-
-    def update(self, kl: float, n_steps: int) -> float:
-        """After a batch of ``n_steps`` sequences with mean KL ``kl``: the new β."""
-        return self.value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
-
-class AdaptiveKLController(FixedKLController):
-    """β adapted towards a target KL (module docstring; Ziegler et al. 2019)."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        if not (math.isfinite(init_kl_coef) and init_kl_coef >= 0):
-            raise ValueError(f"init_kl_coef: expected a finite number >= 0, got {init_kl_coef}")
-        if not (math.isfinite(target) and target > 0):
-            raise ValueError(f"target: expected a finite number > 0, got {target}")
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-            raise ValueError(f"horizon: expected an int >= 1, got {horizon!r}")
-        super().__init__(init_kl_coef)
-        self.target, self.horizon = float(target), horizon
-
-    def update(self, kl: float, n_steps: int) -> float:
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
-
-
-def kl_controller(kl_coef: float, target: float | None = None, horizon: int = 10000):
-    """``AdaptiveKLController`` with a ``target``, else ``FixedKLController``."""
-    if target is None:
-        return FixedKLController(kl_coef)
-    return AdaptiveKLController(kl_coef, target, horizon)
-
-
-class RunState:
-    """What a checkpoint stores as the data position: the prompt loader's and, beside
-    it, each named ``part``'s ``state_dict()``. Pass it where ``common.restore`` and
-    ``common.Bookkeeper`` take the loader (``len()`` is the loader's steps per epoch)."""
-
-    def __init__(self, loader, **parts: Any):
-        self.loader, self.parts = loader, parts
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def state_dict(self) -> dict:
-        return {"prompts": self.loader.state_dict(),
-                **{name: part.state_dict() for name, part in self.parts.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = sorted({"prompts", *self.parts} - set(state))
-        if missing:
-            raise ValueError(f"--resume: the checkpoint's data state lacks {missing} (saved "
-                             f"by another trainer?)")
-        self.loader.load_state_dict(state["prompts"])
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])

@@ -45,7 +45,6 @@ Command line: ``python -m kernelrl.train.sample --help`` (or ``kernelrl sample``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -61,10 +60,8 @@ from torch import nn
 
 from kernelrl.models.hf import load_model, load_tokenizer, local_folder
 from kernelrl.models.lora import CONFIG_NAME, load_adapter
-from kernelrl.train import common, rl
-from kernelrl.train.config import add_dataclass_args, config_from_namespace
+from kernelrl.train import common, rl, settings
 from kernelrl.train.rm import SCORE_FILE
-from kernelrl.train.rollout import generate
 
 __all__ = ["SampleConfig", "Policy", "load_policy", "make_sampling", "sample_seed",
            "best_of_n", "run", "main"]
@@ -118,16 +115,9 @@ class SampleConfig:
         "help": "attention kernel: sdpa, eager, ... (default: transformers' choice)"})
 
     def __post_init__(self):
-        optional = {"best_of": 1, "max_prompt_length": 1}
-        for name, least in (("max_new_tokens", 1), ("top_k", 0), ("batch_size", 1),
-                            ("seed", 0), *optional.items()):
-            value = getattr(self, name)
-            if name in optional and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                none = " or none" if name in optional else ""
-                raise common.bad_setting(self, name, f"an int >= {least}{none}")
-        common.check_numbers(self, {
+        settings.check_ints(self, {"max_new_tokens": 1, "top_k": 0, "batch_size": 1, "seed": 0})
+        settings.check_ints(self, {"best_of": 1, "max_prompt_length": 1}, optional=True)
+        settings.check_numbers(self, {
             "temperature": (lambda v: math.isfinite(v) and v >= 0,
                             "a finite number >= 0 (0: greedy)"),
             "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]")})
@@ -286,12 +276,7 @@ def _best(policy: nn.Module, tokenizer, data: rl.PromptDataset, *, n: int,
                 sample_seed(seed, start + i, j)) for i in range(len(samples)) for j in range(n)]
             # Eval mode and no gradients for this batch only, not across the yields.
             with rl.evaluating(policy), torch.no_grad():
-                rollout = generate(policy, [s.ids for s in rows], generator=generators,
-                                   max_new_tokens=sampling.max_new_tokens,
-                                   temperature=sampling.temperature, top_k=sampling.top_k,
-                                   top_p=sampling.top_p, eos_token_id=sampling.eos_token_id,
-                                   pad_token_id=sampling.pad_token_id,
-                                   stop_token_ids=sampling.stop_token_ids)
+                rollout = sampling.generate(policy, [s.ids for s in rows], generators)
                 # One host sync per batch: the scores, to rank and to write.
                 scores = reward(rollout, rows).float().tolist() if reward is not None else None
             texts = rollout.texts(tokenizer)
@@ -414,27 +399,12 @@ def run(cfg: SampleConfig) -> Path:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "kernelrl sample") -> int:
-    """``kernelrl sample``: parse the flags (or ``--config FILE.toml``) into a SampleConfig
-    and ``run`` it. Bad flags or settings exit with status 2 (argparse's usage error); an
-    input problem prints one line naming it and returns 1; success returns 0."""
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+    """``kernelrl sample``: ``settings.run_main`` for SampleConfig and ``run`` (exit status
+    0; 2 for bad flags or settings; 1, with one line naming it, for an input problem)."""
+    return settings.run_main(
+        SampleConfig, run, argv, prog=prog, run_config=False,
         description="Sample completions of a policy for a file of prompts; with --best-of N, "
-                    "keep the best of N by a reward model or a Python reward function.",
-        epilog="Settings may also come from --config FILE.toml (same names; flags given "
-               "override it).")
-    add_dataclass_args(parser, SampleConfig)
-    namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
-        cfg = config_from_namespace(SampleConfig, namespace)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        run(cfg)
-    except (ValueError, OSError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+                    "keep the best of N by a reward model or a Python reward function.")
 
 
 if __name__ == "__main__":

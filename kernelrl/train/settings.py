@@ -23,6 +23,11 @@ in the order declared here, then the trainer's own), and config.toml holds them 
 their help and their range checks then have one definition, and the trainers cannot drift
 apart. ``TrainConfig`` holds fields only: no methods, no ``__post_init__``, so no trainer
 inherits behaviour from it; each subclass calls ``validate_common`` itself.
+
+The RL trainers (GRPO, PPO) share more settings (the reward source, sampling, the update's
+epochs and clipping): ``RLConfig``, a data-only subclass of ``TrainConfig`` declaring them
+once, is their configs' base in the same way, and ``validate_rl`` (which calls
+``validate_common``) checks its fields.
 """
 
 from __future__ import annotations
@@ -152,13 +157,34 @@ def bad_setting(cfg: Any, name: str, expected: str) -> ValueError:
     return ValueError(f"{flag}: expected {expected}, got {getattr(cfg, name)!r}")
 
 
-def check_numbers(cfg: Any, ranges: dict[str, tuple[Callable[[float], bool], str]]) -> None:
+def check_numbers(cfg: Any, ranges: dict[str, tuple[Callable[[float], bool], str]], *,
+                  optional: bool = False) -> None:
     """For each ``name: (test, expected)``: field ``name`` of ``cfg`` must be an int or
-    float (not a bool) that passes ``test``, else ``bad_setting``."""
+    float (not a bool) that passes ``test`` (or, with ``optional``, None), else
+    ``bad_setting``."""
     for name, (test, expected) in ranges.items():
         value = getattr(cfg, name)
+        if optional and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
             raise bad_setting(cfg, name, expected)
+
+
+def check_ints(cfg: Any, floors: dict[str, int], *, optional: bool = False) -> None:
+    """For each ``name: least``: field ``name`` of ``cfg`` must be an int (not a bool) >=
+    ``least`` (or, with ``optional``, None), else ``bad_setting``."""
+    for name, least in floors.items():
+        value = getattr(cfg, name)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise bad_setting(cfg, name, f"an int >= {least}" + (" or none" if optional else ""))
+
+
+#: ranges for ``check_numbers`` that several settings use
+FINITE = (math.isfinite, "a finite number")
+NONNEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def validate_common(cfg: TrainConfig) -> None:
@@ -170,14 +196,8 @@ def validate_common(cfg: TrainConfig) -> None:
     numbers a range (``--lr`` finite and > 0, ratios in [0, 1), ...); ``--warmup-steps``
     and ``--warmup-ratio``, ``--eval-data`` and ``--eval-fraction`` exclude each other;
     ``--eval-every`` needs held-out data (``--eval-data`` or ``--eval-fraction``)."""
-    for name, floor in _INT_FLOORS.items():
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < floor:
-            raise bad_setting(cfg, name, f"an int >= {floor}")
-    max_steps = cfg.max_steps
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
-                                  or max_steps < 1):
-        raise bad_setting(cfg, "max_steps", "an int >= 1 or none")
+    check_ints(cfg, _INT_FLOORS)
+    check_ints(cfg, {"max_steps": 1}, optional=True)
     check_numbers(cfg, _RANGES)
     if cfg.overlong not in OVERLONG:
         raise bad_setting(cfg, "overlong", f"one of {OVERLONG}")
@@ -191,18 +211,105 @@ def validate_common(cfg: TrainConfig) -> None:
                          f"evaluate on; give --eval-data or --eval-fraction")
 
 
+# ----------------------------------------------------------------------------------------
+# The settings the RL trainers share
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """The settings GRPO and PPO share (``kernelrl.train.rl``: prompts, reward, sampling;
+    ``kernelrl.train.rl_update``: the update phase): data only, as ``TrainConfig`` (module
+    docstring). An RL trainer's config subclasses it, redeclares a field only to change
+    its default or help, adds its own fields after, and calls ``validate_rl`` first in its
+    ``__post_init__``."""
+
+    data: str = field(metadata={"help": 'prompts JSONL: {"prompt": str} per line'})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per step: a step samples --batch-size x --grad-accum "
+                "prompts"})
+    max_length: int = field(default=1024, metadata={
+        "help": "tokens per sequence: prompts are cut to --max-length - --max-new-tokens "
+                "unless --max-prompt-length is given"})
+    overlong: Literal["truncate", "drop"] = field(default="truncate", metadata={
+        "help": "a prompt over its limit: truncate (its oldest tokens go) or drop it"})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "must be 0: the policy runs without dropout (the importance ratio needs "
+                "the same network when sampling and updating)"})
+    reward_model: Optional[str] = field(default=None, metadata={
+        "help": "reward model: a kernelrl rm run folder or its model/ or adapter/ export "
+                "(or --reward-fn)"})
+    reward_fn: Optional[str] = field(default=None, metadata={
+        "help": "reward function module:function, importable from the working directory: "
+                "fn(prompts: list[str], responses: list[str]) -> list[float] (or "
+                "--reward-model)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest (0: off)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
+    max_prompt_length: Optional[int] = field(default=None, metadata={
+        "help": "prompt tokens kept (the last ones; default --max-length - "
+                "--max-new-tokens)"})
+    num_ppo_epochs: int = field(default=1, metadata={
+        "help": "μ: passes over each step's completions"})
+    mini_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "prompts per optimizer update, a multiple of --batch-size dividing the "
+                "step's (default: the whole step, one update per epoch)"})
+    clip_eps: float = field(default=0.2, metadata={
+        "help": "ε: the ratio is clipped to [1 - ε, 1 + ε]"})
+    entropy_coef: float = field(default=0.0, metadata={
+        "help": "weight of the entropy bonus (0: off)"})
+    missing_eos_penalty: Optional[float] = field(default=None, metadata={
+        "help": "subtracted from the score of a completion cut off by --max-new-tokens"})
+
+
+def validate_rl(cfg: RLConfig) -> None:
+    """``validate_common``, then the ``RLConfig`` fields: exactly one of
+    ``--reward-model`` and ``--reward-fn`` (the function imported here, so a bad one exits
+    2), the ranges, ``--lora-dropout`` 0, room for the prompt, ``--mini-batch-size`` a
+    multiple of ``--batch-size`` dividing the step's prompts. ValueErrors name the flag."""
+    validate_common(cfg)
+    if (cfg.reward_model is None) == (cfg.reward_fn is None):
+        raise ValueError(f"--reward-model / --reward-fn: give exactly one, got "
+                         f"{'both' if cfg.reward_model is not None else 'neither'}")
+    if cfg.reward_fn is not None:
+        from kernelrl.train.rl import load_reward_fn      # rl imports this module
+        load_reward_fn(cfg.reward_fn)                     # the import fails here, exit 2
+    check_ints(cfg, {"max_new_tokens": 1, "top_k": 0, "num_ppo_epochs": 1})
+    check_numbers(cfg, {
+        "temperature": POSITIVE, "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "clip_eps": NONNEGATIVE, "entropy_coef": FINITE})
+    check_numbers(cfg, {"missing_eos_penalty": FINITE}, optional=True)
+    if cfg.lora_dropout != 0:
+        raise bad_setting(cfg, "lora_dropout", "0 (RL runs the policy without dropout)")
+    if cfg.max_prompt_length is None and cfg.max_new_tokens >= cfg.max_length:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: leaves no room for the "
+                         f"prompt in --max-length {cfg.max_length}")
+    check_ints(cfg, {"max_prompt_length": 1}, optional=True)
+    step_prompts, mini = cfg.batch_size * cfg.grad_accum, cfg.mini_batch_size
+    if mini is not None and (isinstance(mini, bool) or not isinstance(mini, int) or mini < 1
+                             or mini % cfg.batch_size or step_prompts % mini):
+        raise bad_setting(cfg, "mini_batch_size", f"a multiple of --batch-size "
+                          f"({cfg.batch_size}) that divides the step's {step_prompts} prompts")
+
+
+# ----------------------------------------------------------------------------------------
+# The command line
+
+
 def run_main(config_cls: type, train: Callable[[Any], Any], argv: Sequence[str] | None, *,
-             prog: str, description: str) -> int:
+             prog: str, description: str, run_config: bool = True) -> int:
     """A trainer's command line: parse ``argv`` (default ``sys.argv[1:]``) into a
     ``config_cls`` (flags, or ``--config FILE.toml`` with flags on top) and call
     ``train(cfg)``. Bad flags or settings exit with status 2 (argparse's usage error); an
     input or run-folder problem, or a diverged loss, prints one line naming it and
-    returns 1; a finished run returns 0."""
+    returns 1; a finished run returns 0. ``run_config``: ``train`` writes the settings to
+    its run folder's config.toml (the help says so)."""
+    repeat = "; a run's config.toml repeats it." if run_config else "."
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=description,
         epilog="Settings may also come from --config FILE.toml (same names, flags override "
-               "it); a run's config.toml repeats it.")
+               "it)" + repeat)
     add_dataclass_args(parser, config_cls)
     namespace = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 import train_helpers
-from rl_helpers import marker_reward, prompt_rows, slice_experience
+from rl_helpers import (SHARED_BAD_SETTINGS, exits_2_naming_the_flag, interrupt_then_resume,
+                        marker_reward, missing_reward_model_exits_1, prompt_rows,
+                        slice_experience)
 from rm_helpers import ranked_examples
-from train_helpers import (Interrupt, Runs, assert_bitwise, cli_args, help_text,
-                           make_tokenizer, patch_from_call, run_records, write_jsonl)
+from train_helpers import (Runs, assert_bitwise, cli_args, help_text, make_tokenizer,
+                           run_records, write_jsonl)
 from kernelrl.ops import group_advantages
-from kernelrl.train import common, grpo, rl, rm
-from kernelrl.train.checkpoint import load_checkpoint
+from kernelrl.train import common, grpo, rl, rl_update, rm
 from kernelrl.train.metrics import read_metrics
 
 one_thread = train_helpers.one_thread     # the shared fixtures, in use in this module
@@ -94,25 +95,10 @@ def test_interrupt_then_resume_is_bitwise(runs, tmp_path, monkeypatch):
                         kl_penalty=0.05, kl_target=0.01, kl_horizon=50, save_every=3,
                         clip_eps_high=0.28, entropy_coef=0.01, **changes)
 
-    reference = grpo.train(cfg("reference"))
-    patch_from_call(monkeypatch, grpo, "group_advantages", 5)      # step 5's
-    with pytest.raises(Interrupt):
-        grpo.train(cfg("stopped"))
-    monkeypatch.undo()
-    ckpt = load_checkpoint(tmp_path / "stopped")
-    assert ckpt.step == 3 and set(ckpt.data) == {"prompts", "kl_controller"}
-    assert ckpt.data["kl_controller"]["value"] != 0.05                 # it adapted
-
-    resumed = grpo.train(cfg("stopped", resume="latest"))
-    assert_bitwise(load_file(str(resumed / "adapter" / "adapter_model.safetensors")),
-                   load_file(str(reference / "adapter" / "adapter_model.safetensors")))
-    keys = ("loss", "reward", "kl", "kl_coef", "clipfrac", "approx_kl", "grad_norm", "lr")
-    got = [tuple(r[k] for k in keys) for r in _records(resumed)]
-    want = [tuple(r[k] for k in keys) for r in _records(reference)]
-    assert [r["step"] for r in _records(resumed)] == list(range(1, 7))
-    assert got == want
+    reference, _ = interrupt_then_resume(
+        grpo, cfg, monkeypatch, "group_advantages", 0.05,
+        ("loss", "reward", "kl", "kl_coef", "clipfrac", "approx_kl", "grad_norm", "lr"))
     assert any(r["clipfrac"] > 0 for r in _records(reference))      # later updates clip
-    assert load_checkpoint(resumed).data == load_checkpoint(reference).data
 
 
 @pytest.mark.parametrize("agg, baseline, std", [
@@ -149,7 +135,7 @@ def test_micro_batches_add_up_to_the_mini_batch_loss(runs, model_dir, agg):
     params = common.trainable_parameters(model)
 
     def gradient(pieces):
-        weights = grpo._weights([e for e, _ in pieces], agg)
+        weights = rl_update.shares([e for e, _ in pieces], grpo._weigh_by(agg))
         for (piece, adv), weight in zip(pieces, weights):
             loss, _ = grpo.grpo_loss(model, piece, adv, cfg, weight)
             loss.backward()
@@ -197,30 +183,16 @@ def test_lora_policy_with_a_lora_reward_model_on_its_base(runs, model_dir, tmp_p
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--reward-fn", "none"), "--reward-model / --reward-fn: give exactly one, got neither"),
-    (("--reward-model", "somewhere"), "give exactly one, got both"),
-    (("--reward-fn", "no_such_module_abc:f"), "--reward-fn: cannot import module"),
-    (("--reward-fn", "rl_helpers"), "--reward-fn: expected module:function"),
+    *SHARED_BAD_SETTINGS,
     (("--group-size", 1), "--group-size: expected an int >= 2"),
-    (("--lora-dropout", 0.1), "--lora-dropout: expected 0"),
-    (("--mini-batch-size", 3), "--mini-batch-size: expected a multiple of --batch-size (4)"),
     (("--kl-target", 1.0), "--kl-target: adapts --kl-penalty"),
     (("--kl-penalty", 0.1, "--kl-loss-coef", 0.1), "give one or the other"),
-    (("--temperature", 0), "--temperature: expected a finite number > 0"),
-    (("--max-new-tokens", 2000), "--max-new-tokens 2000: leaves no room"),
+    (("--clip-eps-high", -1), "--clip-eps-high: expected a finite number >= 0"),
 ])
 def test_bad_settings_exit_2_naming_the_flag(runs, tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as info:
-        grpo.main(runs.args(tmp_path / "run", *flags))
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    out = tmp_path / "run"
+    exits_2_naming_the_flag(grpo.main, runs.args(out, *flags), out, capsys, message)
 
 
 def test_a_missing_reward_model_exits_1(runs, tmp_path, capsys):
-    settings = {k: v for k, v in runs.settings.items() if k != "reward_fn"}
-    args = cli_args(runs.model, runs.path(), tmp_path / "run", "--reward-model",
-                    tmp_path / "no-rm", **settings)
-    assert grpo.main(args) == 1
-    assert "--reward-model: no such folder" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()               # checked before the run folder
+    missing_reward_model_exits_1(grpo.main, runs, tmp_path / "run", capsys)

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 import train_helpers
 from ppo_helpers import build_roles, role_bytes, train_lora_rm
-from rl_helpers import marker_reward, prompt_rows, slice_experience
-from train_helpers import (Interrupt, Runs, assert_bitwise, cli_args, help_text,
-                           make_tokenizer, patch_from_call, run_records, write_jsonl)
+from rl_helpers import (SHARED_BAD_SETTINGS, exits_2_naming_the_flag, interrupt_then_resume,
+                        marker_reward, missing_reward_model_exits_1, prompt_rows,
+                        slice_experience)
+from train_helpers import Runs, cli_args, help_text, make_tokenizer, run_records, write_jsonl
 from kernelrl.models.lora import lora_modules
-from kernelrl.train import common, ppo, rl
+from kernelrl.train import common, ppo, rl, rl_update
 from kernelrl.train.checkpoint import load_checkpoint
 from kernelrl.train.metrics import read_metrics
 
@@ -244,7 +245,8 @@ def test_micro_batches_add_up_to_the_mini_batch_loss(runs, model_dir):
     params = common.trainable_parameters(ppo.PPOModel(policy, value))
 
     def gradient(pieces):
-        for (piece, target), share in zip(pieces, ppo._token_shares([e for e, _ in pieces])):
+        for (piece, target), share in zip(pieces, rl_update.shares([e for e, _ in pieces],
+                                                                   "tokens")):
             loss, _ = ppo.ppo_micro_loss(policy, value, piece, target, cfg, share)
             loss.backward()
         grads = [p.grad.clone() for p in params]
@@ -286,59 +288,28 @@ def test_interrupt_then_resume_is_bitwise(runs, rm_run, tmp_path, monkeypatch):
                        kl_target=0.01, kl_horizon=50, save_every=3, entropy_coef=0.01,
                        missing_eos_penalty=0.5, **changes)
 
-    reference = ppo.train(cfg("reference"))
-    patch_from_call(monkeypatch, ppo, "kl_penalized_advantages", 5)     # step 5's
-    with pytest.raises(Interrupt):
-        ppo.train(cfg("stopped"))
-    monkeypatch.undo()
-    ckpt = load_checkpoint(tmp_path / "stopped")
-    assert ckpt.step == 3 and set(ckpt.data) == {"prompts", "kl_controller"}
-    assert ckpt.data["kl_controller"]["value"] != 0.05                 # it adapted
-
-    resumed = ppo.train(cfg("stopped", resume="latest"))
-    assert_bitwise(load_file(str(resumed / "adapter" / "adapter_model.safetensors")),
-                   load_file(str(reference / "adapter" / "adapter_model.safetensors")))
-    assert_bitwise(load_checkpoint(resumed).model, load_checkpoint(reference).model)
-    keys = ("loss", "vf_loss", "reward", "kl", "kl_coef", "clipfrac", "explained_variance",
-            "grad_norm", "lr")
-    got = [tuple(r[k] for k in keys) for r in _records(resumed)]
-    want = [tuple(r[k] for k in keys) for r in _records(reference)]
-    assert [r["step"] for r in _records(resumed)] == list(range(1, 7))
-    assert got == want
-    assert load_checkpoint(resumed).data == load_checkpoint(reference).data
+    interrupt_then_resume(ppo, cfg, monkeypatch, "kl_penalized_advantages", 0.05,
+                          ("loss", "vf_loss", "reward", "kl", "kl_coef", "clipfrac",
+                           "explained_variance", "grad_norm", "lr"))
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--reward-fn", "none"), "--reward-model / --reward-fn: give exactly one, got neither"),
-    (("--reward-model", "somewhere"), "give exactly one, got both"),
-    (("--reward-fn", "no_such_module_abc:f"), "--reward-fn: cannot import module"),
+    *SHARED_BAD_SETTINGS,
     (("--kl-estimator", "k4"), "--kl-estimator: expected one of k1, k2, k3"),
     (("--kl-coef", -1), "--kl-coef: expected a finite number >= 0"),
     (("--adaptive-kl", "--kl-coef", 0), "--adaptive-kl: multiplies --kl-coef"),
     (("--kl-target", 0), "--kl-target: expected a finite number > 0"),
+    (("--kl-horizon", 0), "--kl-horizon: expected an int >= 1"),
     (("--gamma", 1.5), "--gamma: expected a number in [0, 1]"),
     (("--lam", -0.1), "--lam: expected a number in [0, 1]"),
     (("--reward-clip", 0), "--reward-clip: expected a finite number > 0"),
     (("--value-clip", -1), "--value-clip: expected a finite number >= 0"),
     (("--vf-coef", "nan"), "--vf-coef: expected a finite number >= 0"),
-    (("--num-ppo-epochs", 0), "--num-ppo-epochs: expected an int >= 1"),
-    (("--lora-dropout", 0.1), "--lora-dropout: expected 0"),
-    (("--mini-batch-size", 3), "--mini-batch-size: expected a multiple of --batch-size (4)"),
-    (("--temperature", 0), "--temperature: expected a finite number > 0"),
-    (("--max-new-tokens", 2000), "--max-new-tokens 2000: leaves no room"),
 ])
 def test_bad_settings_exit_2_naming_the_flag(runs, tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as info:
-        ppo.main(runs.args(tmp_path / "run", *flags))
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    out = tmp_path / "run"
+    exits_2_naming_the_flag(ppo.main, runs.args(out, *flags), out, capsys, message)
 
 
 def test_a_missing_reward_model_exits_1(runs, tmp_path, capsys):
-    settings = {k: v for k, v in runs.settings.items() if k != "reward_fn"}
-    args = cli_args(runs.model, runs.path(), tmp_path / "run", "--reward-model",
-                    tmp_path / "no-rm", **settings)
-    assert ppo.main(args) == 1
-    assert "--reward-model: no such folder" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()               # checked before the run folder
+    missing_reward_model_exits_1(ppo.main, runs, tmp_path / "run", capsys)

@@ -1,13 +1,17 @@
-"""kernelrl.train.rl: the prompt reader (formatting as the data layer, truncation, errors
-with file:line), reward functions from ``module:function`` and their errors, reward
-models (on the policy's base, on their own, re-tokenised), the missing-EOS penalty, the
-KL controllers against hand-computed updates, the checkpointed run state, and experience
-collection: the update's log-probs equal the old ones bitwise (importance ratio exactly 1)
-for LoRA and full fine-tuning."""
+"""kernelrl.train.rl and rl_update: the prompt reader (formatting as the data layer,
+truncation, errors with file:line), reward functions from ``module:function`` and their
+errors, reward models (on the policy's base, on their own, re-tokenised), the missing-EOS
+penalty, experience collection (the update's log-probs equal the old ones bitwise:
+importance ratio exactly 1, for LoRA and full fine-tuning), the settings GRPO and PPO
+share (``settings.RLConfig``), the update phase against hand-computed mini-batches, the
+KL controllers against hand-computed updates, and the checkpointed run state."""
 
+import dataclasses
 import math
+import re
 import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +21,11 @@ from transformers import PreTrainedTokenizerFast
 import train_helpers
 from rl_helpers import length_reward, marker_reward, prompt_rows, write_module
 from rm_helpers import ranked_examples
-from train_helpers import SPECIALS, VOCAB, WORDS, cli_args, make_tokenizer, write_jsonl
+from train_helpers import (SPECIALS, VOCAB, WORDS, cli_args, help_text, make_tokenizer,
+                           write_jsonl)
 from kernelrl.models.lora import active_adapter, adapter_names, lora_modules
 from kernelrl.ops import ppo_loss
-from kernelrl.train import common, rl, rm
+from kernelrl.train import common, grpo, ppo, rl, rl_update, rm, settings
 from kernelrl.train.batching import ResumableSampler
 from kernelrl.train.data import PreferenceRecord, tokenize_preferences
 
@@ -189,6 +194,10 @@ def test_first_update_ratio_is_exactly_one(model_dir, lora, checkpointing):
     # the sampler's log-probs (KV cache, temperature 0.7) agree with the old ones
     metrics, tokens = rl.rollout_metrics([exp])
     assert metrics["rollout/logprob_drift"] < 1e-4
+    # a trainer's own statistics come back with the same sync, after the others
+    more, _ = rl.rollout_metrics([exp], {"a": torch.tensor(2.5), "b": exp.scores.sum()})
+    assert more == {**metrics, "a": 2.5, "b": pytest.approx(exp.scores.sum().item())}
+    assert list(more)[-2:] == ["a", "b"]
     assert tokens == int(exp.rollout.attention_mask.sum())
     assert metrics["reward"] == pytest.approx(exp.rewards.mean().item())
     assert metrics["response_length"] == pytest.approx(exp.rollout.response_lengths.float()
@@ -358,11 +367,98 @@ def test_build_reward_errors(model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# KL controllers and the run state
+# The shared settings, the update phase, KL controllers and the run state
+
+
+@pytest.mark.parametrize("module, config", [(grpo, grpo.GRPOConfig), (ppo, ppo.PPOConfig)])
+def test_rl_configs_are_flat_with_the_shared_fields_first(module, config, capsys):
+    """Each RL trainer's config holds every TrainConfig field, then every RLConfig field,
+    in that order, then its own; its command line has one flag per field, in that order."""
+    base = [f.name for f in dataclasses.fields(common.TrainConfig)]
+    shared = [f.name for f in dataclasses.fields(settings.RLConfig)]
+    names = [f.name for f in dataclasses.fields(config)]
+    assert shared[:len(base)] == base and len(shared) > len(base)
+    assert names[:len(shared)] == shared and len(names) > len(shared)
+    listed = re.findall(r"^  (--[a-z-]+)", help_text(module, capsys), re.MULTILINE)
+    assert listed == ["--config"] + ["--" + name.replace("_", "-") for name in names]
+    cfg = config(model="m", data="d", out="o", reward_fn="rl_helpers:marker_reward")
+    assert (cfg.lr, cfg.num_ppo_epochs) == {grpo: (1e-6, 1), ppo: (3e-6, 4)}[module]
+
+
+def _updates(rows, mini_batch_size, epochs=2, seed=5):
+    """``run_updates`` over micro-batches of ``rows`` rows each (2 prompts a micro-batch)
+    with a loss that only counts: micro-batch i has loss (i + 1)·weight and statistic
+    ``x`` = i·weight. Returns (its Updates, the calls (i, weight), the optimizer steps,
+    the scheduler's steps)."""
+    w = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([w], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    experience = [SimpleNamespace(rollout=SimpleNamespace(batch_size=n)) for n in rows]
+    cfg = SimpleNamespace(batch_size=2, grad_accum=len(rows), mini_batch_size=mini_batch_size,
+                          num_ppo_epochs=epochs, max_grad_norm=1.0)
+    calls = []
+
+    def micro_loss(i, weight):
+        calls.append((i, weight))
+        return (w * 0).sum() + (i + 1) * weight, {"x": torch.tensor(float(i)) * weight}
+
+    torch.manual_seed(seed)
+    update = rl_update.run_updates(experience, micro_loss, cfg, step=1, weigh_by="rows",
+                                   params=[w], optimizer=optimizer, scheduler=scheduler)
+    return update, calls, len(steps), scheduler.last_epoch
+
+
+def test_run_updates_by_hand():
+    """3 micro-batches of 2, 3 and 1 rows, 2 of them an update (mini-batches of 2 and 1),
+    2 epochs: 4 updates, the micro-batches in a fresh order each epoch from the global
+    RNG, each weighed by its share of its mini-batch's rows, the schedule advanced once
+    (after the last update), the loss and statistics the means of the updates' sums."""
+    update, calls, steps, schedule = _updates([2, 3, 1], mini_batch_size=4)
+    torch.manual_seed(5)
+    orders = [torch.randperm(3).tolist() for _ in range(2)]
+    rows = {0: 2, 1: 3, 2: 1}
+    expected, sums = [], []
+    for order in orders:
+        for mini in (order[:2], order[2:]):
+            total = sum(rows[i] for i in mini)
+            expected += [(i, rows[i] / total) for i in mini]
+            sums.append([sum((i + 1) * rows[i] / total for i in mini),
+                         sum(i * rows[i] / total for i in mini)])
+    assert calls == expected
+    assert (steps, schedule, update.lr, update.grad_norm) == (4, 1, 0.5, 0.0)
+    assert update.means == {"loss": pytest.approx(sum(s[0] for s in sums) / 4),
+                            "x": pytest.approx(sum(s[1] for s in sums) / 4)}
+    assert update.seconds > 0
+
+    # One mini-batch (the whole step): the order sampled, nothing drawn from the RNG.
+    update, calls, steps, schedule = _updates([2, 3, 1], mini_batch_size=None, seed=7)
+    drawn = torch.rand(1)
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(1))
+    assert [i for i, _ in calls] == [0, 1, 2] * 2 and (steps, schedule) == (2, 1)
+    assert update.means["loss"] == pytest.approx((1 * 2 + 2 * 3 + 3 * 1) / 6)
+
+
+def test_run_updates_stops_on_a_nan_loss_before_the_weights_change():
+    from kernelrl.train.metrics import NonFiniteLossError
+
+    w = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([w], lr=0.5)
+    experience = [SimpleNamespace(rollout=SimpleNamespace(batch_size=1))]
+    cfg = SimpleNamespace(batch_size=1, grad_accum=1, mini_batch_size=None, num_ppo_epochs=1,
+                          max_grad_norm=1.0)
+    with pytest.raises(NonFiniteLossError, match="at step 9"):
+        rl_update.run_updates(
+            experience, lambda i, weight: ((w * float("nan")).sum(), {}), cfg, step=9,
+            weigh_by="rows", params=[w], optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
+    assert w.item() == 1.0
 
 
 def test_adaptive_kl_controller_by_hand():
-    ctl = rl.AdaptiveKLController(0.2, target=6.0, horizon=1000)
+    ctl = rl_update.AdaptiveKLController(0.2, target=6.0, horizon=1000)
     # KL 9: 9/6 − 1 = 0.5, clipped to 0.2; n = 100 → β·(1 + 0.2·0.1)
     assert ctl.update(9.0, 100) == pytest.approx(0.2 * 1.02)
     # KL 6.6: error 0.1 → ·(1 + 0.1·0.05)
@@ -372,18 +468,19 @@ def test_adaptive_kl_controller_by_hand():
     # on target: unchanged
     assert ctl.update(6.0, 500) == pytest.approx(0.2 * 1.02 * 1.005 * 0.8)
 
-    again = rl.AdaptiveKLController(0.2, target=6.0, horizon=1000)
+    again = rl_update.AdaptiveKLController(0.2, target=6.0, horizon=1000)
     again.load_state_dict(ctl.state_dict())
     assert again.value == ctl.value
     assert again.update(3.0, 10) == ctl.update(3.0, 10)          # error −0.5 → −0.2
 
-    fixed = rl.kl_controller(0.05)
-    assert isinstance(fixed, rl.FixedKLController) and fixed.update(100.0, 10) == 0.05
-    assert isinstance(rl.kl_controller(0.05, 1.0, 10), rl.AdaptiveKLController)
+    assert rl.kl_controller is rl_update.kl_controller                 # re-exported
+    fixed = rl_update.kl_controller(0.05)
+    assert isinstance(fixed, rl_update.FixedKLController) and fixed.update(100.0, 10) == 0.05
+    assert isinstance(rl_update.kl_controller(0.05, 1.0, 10), rl_update.AdaptiveKLController)
     for args, name in (((-1.0, 1.0, 1), "init_kl_coef"), ((1.0, 0.0, 1), "target"),
                        ((1.0, 1.0, 0), "horizon")):
         with pytest.raises(ValueError, match=f"^{name}: expected"):
-            rl.AdaptiveKLController(*args)
+            rl_update.AdaptiveKLController(*args)
 
 
 def test_run_state_round_trip():
@@ -402,8 +499,8 @@ def test_run_state_round_trip():
         def load_state_dict(self, s):
             sampler.load_state_dict(s)
 
-    ctl = rl.AdaptiveKLController(0.1, 2.0, 100)
-    state = rl.RunState(Loader(), kl_controller=ctl)
+    ctl = rl_update.AdaptiveKLController(0.1, 2.0, 100)
+    state = rl_update.RunState(Loader(), kl_controller=ctl)
     batches = iter(sampler)
     for _ in range(5):
         next(batches)
@@ -412,8 +509,8 @@ def test_run_state_round_trip():
     assert len(state) == 4 and saved["prompts"]["epoch"] == 1
     assert saved["kl_controller"] == {"value": ctl.value}
     expected = next(iter(sampler))
-    other = rl.AdaptiveKLController(0.1, 2.0, 100)
-    rl.RunState(Loader(), kl_controller=other).load_state_dict(saved)
+    other = rl_update.AdaptiveKLController(0.1, 2.0, 100)
+    rl_update.RunState(Loader(), kl_controller=other).load_state_dict(saved)
     assert other.value == ctl.value and next(iter(sampler)) == expected
     with pytest.raises(ValueError, match=r"lacks \['kl_controller'\]"):
         state.load_state_dict({"prompts": saved["prompts"]})
