@@ -52,11 +52,10 @@ struct FwdArgs {
   float kl_coef, gamma_lambda, gamma_one_minus_lambda, reward_clip;
 };
 
-// 4 lanes of float64 (the whitening sums; one AVX2 register, two SSE2 ones), from 4 fp32 lanes.
-// Fixed at 4 whatever W is: a wider double vector would not fit a register and be spilled.
-typedef double D4 __attribute__((vector_size(32)));
-KR_INLINE D4 load_wide(const float* p) { return __builtin_convertvector(simd::load<4>(p), D4); }
-KR_INLINE double hsum(D4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+// 4 lanes of float64 for the whitening sums (common/simd.h).
+using simd::D4;
+using simd::hsum;
+using simd::load_wide;
 
 // ---- the KL estimator on W lanes ----------------------------------------------------------------
 

@@ -9,8 +9,9 @@
 //
 // Contents: Lanes<W> (the vector types) and the conv::VecOps<W> policy (so the dtype.h
 // conversions run on W lanes), full and partial W-element loads/stores of float / half_t /
-// bfloat16_t, select, max, horizontal reductions, and exp: a Cephes-style exp with ~1 ulp error
-// that returns exactly 0 below -86.5 (and for -inf), inf above ~88.72 and NaN for NaN.
+// bfloat16_t, select, max, horizontal reductions, exp: a Cephes-style exp with ~1 ulp error
+// that returns exactly 0 below -86.5 (and for -inf), inf above ~88.72 and NaN for NaN, and D4,
+// 4 float64 lanes for sums of fp32 terms.
 #pragma once
 
 #include <cstdint>
@@ -171,6 +172,28 @@ KR_INLINE F<W> exp(F<W> x) {
   const F<W> scale = (F<W>)((ni + 126) << 23);  // 2^(n-1): valid for n in [-125, 128]
   const F<W> y = p * scale * 2.0f;
   return select<W>(x < -86.5f, splat<W>(0.0f), y);
+}
+
+// ---- float64 accumulation -----------------------------------------------------------------------
+
+// 4 lanes of float64 (sums that must not round like fp32; one AVX2 register, two SSE2 ones).
+// Fixed at 4 whatever W is: a wider double vector would not fit a register and be spilled.
+typedef double D4 __attribute__((vector_size(32)));
+KR_INLINE D4 load_wide(const float* p) { return __builtin_convertvector(load<4>(p), D4); }
+KR_INLINE double hsum(D4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+// The W fp32 lanes of v in 4 float64 lanes: lane j holds v[j] (W = 4), or v[j] + v[j + 4] added
+// in float64 (W = 8). Added to a D4 sum, it keeps every lane's sum in a fixed order. (Element by
+// element, not __builtin_convertvector, which GCC 12 splits into 2-lane conversions.)
+template <int W>
+KR_INLINE D4 widen_sum(F<W> v) {
+  static_assert(W == 4 || W == 8, "widen_sum: 4 or 8 lanes");
+  const D4 lo = {double(v[0]), double(v[1]), double(v[2]), double(v[3])};
+  if constexpr (W == 4) {
+    return lo;
+  } else {
+    const D4 hi = {double(v[4]), double(v[5]), double(v[6]), double(v[7])};
+    return lo + hi;
+  }
 }
 
 }  // namespace simd

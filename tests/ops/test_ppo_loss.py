@@ -1,5 +1,6 @@
 """ppo_loss: every backend against the float64 reference (loss, stats and gradients),
-hand-computed cases, masks of every dtype, NaN, empty rows, bad input, compile, gradcheck."""
+hand-computed cases, masks of every dtype, NaN, empty rows, bad input, compile, gradcheck,
+opcheck of the native custom ops."""
 
 import math
 import os
@@ -9,15 +10,27 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends import DEVICES, use_backend
+from backends import DEVICES
+from backends import use_backend as _use_backend
 from kernelrl import backend
 from kernelrl.ops.ppo_loss import AGG_MODES, ppo_loss, ppo_loss_reference
+from kernelrl.ops.ppo_loss import native_impl
+from kernelrl.ops.ppo_loss.common import PPOInputs
 from numerics import check
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "native"]
+NATIVE_OK = backend.availability("native", torch.device("cpu"), torch.float32,
+                                 backend.registered_ops()["ppo_loss"])[0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_INPUTS = ("logprobs", "values", "entropy")
 LN2, LN3, LN4 = math.log(2.0), math.log(3.0), math.log(4.0)
+
+
+def use_backend(monkeypatch, name, device, **kw):
+    """backends.use_backend, and a skip for native on CUDA (csrc/ppo_loss is CPU only)."""
+    if name == "native" and device == "cuda":
+        pytest.skip("native ppo_loss has CPU kernels only (Triton serves the GPU)")
+    _use_backend(monkeypatch, name, device, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -431,8 +444,11 @@ def test_second_order_gradients_are_refused_clearly(monkeypatch, name):
 
 def test_dispatch_defaults():
     spec = backend.registered_ops()["ppo_loss"]
-    assert backend.decide("ppo_loss", torch.device("cpu"), torch.float32).backend == "torch"
-    assert not spec.skip               # an H200 benchmark showed Triton faster than torch
+    cpu = backend.decide("ppo_loss", torch.device("cpu"), torch.float32).backend
+    assert cpu == ("native" if NATIVE_OK else "torch")   # bench_ppo_loss: native fastest
+    assert backend.decide("ppo_loss", torch.device("cpu"), torch.float64).backend == "torch"
+    # native is CPU only; an H200 benchmark showed Triton faster than torch
+    assert list(spec.skip) == [("native", "cuda")]
     from kernelrl._dispatch_table import TABLE
     assert TABLE["ppo_loss"]["NVIDIA H200"]["float32"]["choice"] == "triton"
     assert spec.examples(torch.device("cpu"), torch.float32)
@@ -469,3 +485,63 @@ def _bad(**over):
 def test_bad_input_raises_value_error_naming_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---- the native backend: mixed dtypes, its custom ops, CUDA tensors ----------------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_mixed_input_dtypes(monkeypatch, name):
+    """Inputs of different float dtypes (the native kernels take one: all go to float32);
+    each gradient comes back in its input's dtype."""
+    use_backend(monkeypatch, name, "cpu", op="ppo_loss")
+    x = make_inputs(4, 45, torch.float32, "cpu")
+    x["values"] = x["values"].to(torch.bfloat16)
+    x["entropy"] = x["entropy"].to(torch.float16)
+    x["ref_logprobs"] = x["ref_logprobs"].to(torch.bfloat16)
+    compare(x, torch.bfloat16, agg="seq-mean-token-mean", dual_clip=2.0)
+
+
+@pytest.mark.skipif(not NATIVE_OK, reason="kernelrl._native is not built")
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_custom_ops_pass_opcheck(dtype, mask_dtype):
+    x = make_inputs(5, 19, dtype, "cpu", per_row_adv=mask_dtype == torch.bool)
+    x["mask"] = x["mask"].to(mask_dtype)
+    ops = native_impl._operands(PPOInputs(*(x.get(n) for n in PPOInputs._fields)))
+    scalars = (0.8, 1.2, 2.0, 0.2, 1.1)
+    fwd = torch.library.opcheck(native_impl._fwd_op, (*ops, *scalars, 0.1, 0.03, 0.2, 1, 19.0))
+    assert all(v == "SUCCESS" for v in fwd.values())
+    _, _, omega, vf_scale = native_impl._fwd_op(*ops, *scalars, 0.1, 0.03, 0.2, 1, 19.0)
+    for needs in ((True, True, True), (True, False, False), (False, True, False)):
+        bwd = torch.library.opcheck(native_impl._bwd_op, (
+            *ops, torch.tensor(1.5), omega, vf_scale, *scalars, 0.03, 0.2, *needs))
+        assert all(v == "SUCCESS" for v in bwd.values())
+
+
+@pytest.mark.skipif(not NATIVE_OK, reason="kernelrl._native is not built")
+@pytest.mark.parametrize("name", ["native", "torch"])
+def test_compiles_with_fullgraph_forced_backend(monkeypatch, name):
+    """The native custom ops (and the torch path) under torch.compile(fullgraph=True), with
+    token advantages, a bool mask and every optional term: eager's results."""
+    use_backend(monkeypatch, name, "cpu", op="ppo_loss")
+    torch._dynamo.reset()
+    x = make_inputs(3, 70, torch.float32, "cpu")
+
+    def fn(**kw):
+        return ppo_loss(**kw, agg="token-mean", dual_clip=3.0, vf_coef=0.2)
+
+    eager, compiled = run(fn, x), run(torch.compile(fn, fullgraph=True), x)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-7)
+    for k in eager[1]:
+        torch.testing.assert_close(compiled[1][k], eager[1][k], rtol=1e-6, atol=1e-7)
+    for k in eager[2]:
+        torch.testing.assert_close(compiled[2][k], eager[2][k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+def test_native_forced_on_cuda_raises():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = make_inputs(2, 8, torch.float32, "cuda", options=())
+    with backend.force("native"), pytest.raises(backend.BackendError):
+        ppo_loss(**x)      # CPU kernels only (or, in a CPU-only build, no CUDA at all)

@@ -51,9 +51,12 @@ elementwise pass writing every gradient. Bytes moved, for k ≤ 10 [B, T] inputs
 bytes: forward k·B·T·b read; backward the same plus B·T·b written per gradient.
 
 Implementations (chosen per call, see kernelrl.backend):
+    native   C++ on CPU (csrc/ppo_loss): one pass per row forward (float64 row sums and
+             the finish in C++), one backward pass recomputing the terms; the CPU default
     torch    plain torch, fp32 (fp64 for fp64 logprobs); the forward keeps the gradient
-             coefficients, the backward scales them (the CPU default)
-    triton   the two passes over [B, ⌈T/BLOCK_T⌉] programs, fp32 math, nothing saved
+             coefficients, the backward scales them (any device; float64)
+    triton   the GPU path: a forward over [B, ⌈T/BLOCK_T⌉] programs, a one-program finish,
+             one backward pass; fp32 math, nothing saved
 The oracle is ``ppo_loss_reference``: the formulas above, autograd, float64-capable.
 """
 

@@ -12,6 +12,7 @@ from kernelrl.ops._autograd import first_order_only
 from kernelrl.ops._checks import (FLOAT_DTYPES, KERNEL_DTYPES, check_choice,
                                   check_same_device, check_tensor)
 from kernelrl.ops.ppo_loss.common import AGG_MODES, COLUMNS, PPOConfig, PPOInputs
+from kernelrl.ops.ppo_loss.native_impl import _native_bwd, _native_fwd
 from kernelrl.ops.ppo_loss.torch_impl import _torch_bwd, _torch_fwd
 from kernelrl.ops.ppo_loss.triton_impl import _triton_bwd, _triton_fwd
 
@@ -20,7 +21,10 @@ from kernelrl.ops.ppo_loss.triton_impl import _triton_bwd, _triton_fwd
 #       vf_scale [], tensors to save); present: values, entropy, ref_logprobs given
 #   bwd(inputs, saved, cfg, grad_loss [], ω [B], vf_scale [], needs: 3 bools) -> the
 #       gradients of grad_loss·loss for (logprobs, values, entropy), None where not needed
-_KERNELS = {"torch": (_torch_fwd, _torch_bwd), "triton": (_triton_fwd, _triton_bwd)}
+#: why dispatch passes native over on a GPU (forced there, it raises BackendError)
+NATIVE_CPU_ONLY = "no CUDA kernels: csrc/ppo_loss is CPU only (Triton serves the GPU)"
+_KERNELS = {"native": (_native_fwd, _native_bwd), "torch": (_torch_fwd, _torch_bwd),
+            "triton": (_triton_fwd, _triton_bwd)}
 
 
 
@@ -184,9 +188,13 @@ def _examples(device: torch.device, dtype: torch.dtype) -> list:
 
 _backend.register_op(
     "ppo_loss",
-    {"triton": _backend.Implementation(KERNEL_DTYPES, _KERNELS["triton"]),
+    {"native": _backend.Implementation(KERNEL_DTYPES, _KERNELS["native"]),
+     "triton": _backend.Implementation(KERNEL_DTYPES, _KERNELS["triton"]),
      "torch": _backend.Implementation(FLOAT_DTYPES, _KERNELS["torch"])},
-    # CUDA: on an H200 the Triton passes are 2-4x faster than the torch path
-    # (benchmarks/results/nvidia-h200-2026-11-30.json), so nothing is skipped.
+    # CPU: bench_ppo_loss shows the C++ kernels faster than the torch path and than
+    # torch.compile of the formula, so native leads (it is the CPU default where built).
+    # CUDA: native has CPU kernels only; on an H200 the Triton passes are 2-4x faster than
+    # the torch path (benchmarks/results/nvidia-h200-2026-11-30.json).
+    skip={("native", "cuda"): NATIVE_CPU_ONLY},
     examples=_examples, fn=ppo_loss)
 

@@ -1,0 +1,163 @@
+"""ppo_loss on kernelrl._native (csrc/ppo_loss): the C++ CPU twin of the Triton kernels, one
+call per direction. The forward sums every term per row (float64) and finishes loss, stats,
+ω and vf_scale in the same call; the backward recomputes the terms and writes the gradients.
+Nothing is saved between them. CPU tensors only: the GPU runs the Triton kernels.
+
+Each direction is a ``torch.library.custom_op`` (what torch.compile traces); run eagerly, the
+same function is called directly, without the dispatcher's per-call cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernelrl import backend as _backend
+from kernelrl.ops import _native
+from kernelrl.ops.ppo_loss.common import AGG_MODES, NCOLS, PPOConfig, PPOInputs
+
+#: mask dtypes the kernels read (csrc/ppo_loss/ppo_loss.h mask_kind); bool is viewed as uint8,
+#: any other dtype converted to float32 (a mask is a weight: 2 counts a token twice).
+_MASK_KIND = {torch.uint8: 0, torch.float32: 1}
+
+
+def _no_cuda(*args):
+    raise _backend.BackendError("ppo_loss: the native backend has CPU kernels only; CUDA "
+                                "tensors run the triton backend")
+
+
+def _operands(x: PPOInputs) -> list:
+    """The ten kernel operands in PPOInputs order (None where absent), contiguous: the float
+    inputs in one dtype (logprobs', or float32 where they differ: exact, but for a float64
+    one, rounded as the other backends' float32 math rounds it), the mask uint8 or float32."""
+    if x.logprobs.device.type != "cpu":
+        _no_cuda()
+    dtype = x.logprobs.dtype
+    if any(t is not None and t.dtype != dtype for i, t in enumerate(x) if i != 3):
+        dtype = torch.float32
+    out = []
+    for i, t in enumerate(x):
+        if t is not None:
+            if i == 3:      # the mask
+                t = t.view(torch.uint8) if t.dtype == torch.bool else t
+                t = t if t.dtype in _MASK_KIND else t.to(torch.float32)
+            elif t.dtype != dtype:
+                t = t.to(dtype)
+            t = t.contiguous()
+        out.append(t)
+    return out
+
+
+def _ptrs(tensors) -> list[int]:
+    return [0 if t is None else t.data_ptr() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------
+# the custom ops: the operands as _operands gives them, then the scalars
+# ---------------------------------------------------------------------------------------
+
+def _fwd_eager(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               mask: torch.Tensor, values: torch.Tensor | None, old_values: torch.Tensor | None,
+               returns: torch.Tensor | None, entropy: torch.Tensor | None,
+               ref_logprobs: torch.Tensor | None, rollout_logprobs: torch.Tensor | None,
+               lo: float, hi: float, dual_clip: float, value_clip: float, tis_cap: float,
+               vf_coef: float, entropy_coef: float, kl_loss_coef: float, agg: int,
+               norm_length: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss [], stats [NCOLS], ω [B], vf_scale []), float32."""
+    B, T = logprobs.shape
+    device = logprobs.device
+    f32 = dict(dtype=torch.float32, device=device)
+    loss, stats = torch.empty((), **f32), torch.empty(NCOLS, **f32)
+    omega, vf_scale = torch.empty(B, **f32), torch.empty((), **f32)
+    lib = _native.library()
+    _native.launch(device, lib.ppo_loss_fwd_cpu, _no_cuda,
+                   *_ptrs((logprobs, old_logprobs, advantages, mask, values, old_values,
+                           returns, entropy, ref_logprobs, rollout_logprobs)),
+                   0, loss.data_ptr(), stats.data_ptr(), omega.data_ptr(),
+                   vf_scale.data_ptr(), B, T, _native.dtype_code(logprobs.dtype),
+                   _MASK_KIND[mask.dtype], advantages.dim() == 1, lo, hi, dual_clip,
+                   value_clip, tis_cap, vf_coef, entropy_coef, kl_loss_coef, agg, norm_length)
+    return loss, stats, omega, vf_scale
+
+
+_fwd_op = torch.library.custom_op("kernelrl::ppo_loss_fwd", mutates_args=())(_fwd_eager)
+
+
+@_fwd_op.register_fake
+def _(logprobs, old_logprobs, advantages, mask, values, old_values, returns, entropy,
+      ref_logprobs, rollout_logprobs, lo, hi, dual_clip, value_clip, tis_cap, vf_coef,
+      entropy_coef, kl_loss_coef, agg, norm_length):
+    f32 = dict(dtype=torch.float32, device=logprobs.device)
+    return (logprobs.new_empty((), **f32), logprobs.new_empty(NCOLS, **f32),
+            logprobs.new_empty(logprobs.shape[0], **f32), logprobs.new_empty((), **f32))
+
+
+def _bwd_eager(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               mask: torch.Tensor, values: torch.Tensor | None, old_values: torch.Tensor | None,
+               returns: torch.Tensor | None, entropy: torch.Tensor | None,
+               ref_logprobs: torch.Tensor | None, rollout_logprobs: torch.Tensor | None,
+               grad_loss: torch.Tensor, omega: torch.Tensor, vf_scale: torch.Tensor,
+               lo: float, hi: float, dual_clip: float, value_clip: float, tis_cap: float,
+               entropy_coef: float, kl_loss_coef: float, need_logprobs: bool,
+               need_values: bool, need_entropy: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> the gradients to (logprobs, values, entropy) in logprobs' dtype, [B, T] where
+    needed, else empty [0]."""
+    B, T = logprobs.shape
+    grads = [torch.empty((B, T) if need else (0,), dtype=logprobs.dtype, device=logprobs.device)
+             for need in (need_logprobs, need_values, need_entropy)]
+    scalars = [t.float().contiguous() for t in (grad_loss, omega, vf_scale)]
+    lib = _native.library()
+    _native.launch(logprobs.device, lib.ppo_loss_bwd_cpu, _no_cuda,
+                   *_ptrs((logprobs, old_logprobs, advantages, mask, values, old_values,
+                           returns, entropy, ref_logprobs, rollout_logprobs)),
+                   *_ptrs(scalars),
+                   *_ptrs(g if need else None for g, need in
+                          zip(grads, (need_logprobs, need_values, need_entropy))),
+                   B, T, _native.dtype_code(logprobs.dtype), _MASK_KIND[mask.dtype],
+                   advantages.dim() == 1, lo, hi, dual_clip, value_clip, tis_cap, entropy_coef,
+                   kl_loss_coef)
+    return tuple(grads)
+
+
+_bwd_op = torch.library.custom_op("kernelrl::ppo_loss_bwd", mutates_args=())(_bwd_eager)
+
+
+@_bwd_op.register_fake
+def _(logprobs, old_logprobs, advantages, mask, values, old_values, returns, entropy,
+      ref_logprobs, rollout_logprobs, grad_loss, omega, vf_scale, lo, hi, dual_clip,
+      value_clip, tis_cap, entropy_coef, kl_loss_coef, need_logprobs, need_values,
+      need_entropy):
+    return tuple(logprobs.new_empty(tuple(logprobs.shape) if need else (0,))
+                 for need in (need_logprobs, need_values, need_entropy))
+
+
+# ---------------------------------------------------------------------------------------
+# the backend's passes (op.py's _KERNELS interface)
+# ---------------------------------------------------------------------------------------
+
+def _token_scalars(cfg: PPOConfig) -> tuple:
+    return cfg.lo, cfg.hi, cfg.dual_clip, cfg.value_clip, cfg.tis_cap
+
+
+def _native_fwd(x: PPOInputs, cfg: PPOConfig, need_grads: bool, present: tuple, dtype):
+    """-> (loss, stats, ω, vf_scale) as common._finish gives them (the terms whose inputs
+    are absent: the kernels see null pointers), and nothing to save."""
+    ops = _operands(x)
+    fn = _fwd_op if torch.compiler.is_compiling() else _fwd_eager
+    out = fn(*ops, *_token_scalars(cfg), cfg.vf_coef, cfg.entropy_coef, cfg.kl_loss_coef,
+             AGG_MODES.index(cfg.agg), cfg.norm_length)
+    if dtype != torch.float32:
+        out = tuple(t.to(dtype) for t in out)
+    return (*out, ())
+
+
+def _native_bwd(x: PPOInputs, saved, cfg: PPOConfig, grad_loss, omega, vf_scale, needs):
+    """(∂/∂logprobs, ∂/∂values, ∂/∂entropy) of ``grad_loss · loss`` (None where not needed),
+    each in its input's dtype."""
+    ops = _operands(x)
+    fn = _bwd_op if torch.compiler.is_compiling() else _bwd_eager
+    grads = fn(*ops, grad_loss, omega, vf_scale, *_token_scalars(cfg), cfg.entropy_coef,
+               cfg.kl_loss_coef, *needs)
+    return tuple(g.to(t.dtype) if need else None
+                 for g, t, need in zip(grads, (x.logprobs, x.values, x.entropy), needs))
