@@ -1,5 +1,5 @@
-"""Command line: ``kernelrl sft | rm | ppo | dpo | grpo | sample | info | tune | bench``
-(``python -m kernelrl ...`` is the same).
+"""Command line: ``kernelrl demo | sft | rm | ppo | dpo | grpo | sample | info | tune |
+bench`` (``python -m kernelrl ...`` is the same).
 
 Building the parser imports nothing heavy: each subcommand imports its implementation
 (and torch) only when it runs, so ``kernelrl --help`` and ``--version`` answer at once.
@@ -88,6 +88,8 @@ TRAINERS = {
                                   "reward model or a Python reward function (InstructGPT step 3)"),
     "sample": ("kernelrl.train.sample", "sample completions of a policy for a prompts file; "
                                         "--best-of N keeps the best by a reward model or function"),
+    "demo": ("kernelrl.demo.pipeline", "the whole pipeline on a built-in task: SFT, reward model, "
+                                       "PPO, DPO and best-of-N, compared on a gold rule"),
 }
 
 

@@ -3,7 +3,8 @@ reward model, PPO, DPO and best-of-N on a CPU in minutes, with its shipped data.
 
 ``kernelrl.demo.task`` defines the task (vocabulary, tokenizer, the hidden gold rule, the
 tiny model's config, paths of the shipped data); ``kernelrl.demo.make_data`` regenerates
-the shipped data in ``kernelrl/demo/data`` byte for byte.
+the shipped data in ``kernelrl/demo/data`` byte for byte; ``kernelrl.demo.pipeline`` is
+``kernelrl demo`` (also ``python -m kernelrl.demo``), the whole pipeline on this task.
 """
 
 from kernelrl.demo.task import (build_tokenizer, data_path, gold_score, model_config,
