@@ -48,3 +48,16 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, eager: torch.Tensor |
         bound = 2.0 * eager_err + ULP32 * ref_norm + floor
         assert err <= bound, (f"{name}: error {err:.3e} exceeds 2x eager torch's "
                               f"{eager_err:.3e} (+1 ulp of |ref|)")
+
+
+def rel_err_matching_nan(out: torch.Tensor, ref: torch.Tensor, name: str) -> float:
+    """‖out − ref‖ / ‖ref‖ over the reference's non-NaN entries (‖out − ref‖ if ref is 0),
+    after asserting that NaN sits exactly where the reference has it."""
+    out, ref = out.detach().double().flatten(), ref.detach().double().flatten()
+    nan_out, nan_ref = out.isnan(), ref.isnan()
+    assert torch.equal(nan_out, nan_ref), (f"{name}: NaN at {int(nan_out.sum())} positions, "
+                                           f"reference has {int(nan_ref.sum())}")
+    keep = ~nan_ref
+    scale = ref[keep].norm().item()
+    diff = (out[keep] - ref[keep]).norm().item()
+    return diff / scale if scale > 0 else diff

@@ -17,6 +17,8 @@ import math
 
 import pytest
 import torch
+
+from numerics import rel_err_matching_nan as rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,17 +59,6 @@ def run_whiten(adv, partials):
     native.advantages_whiten_cpu(out.data_ptr(), partials.data_ptr(), stats.data_ptr(),
                                  adv.shape[0], adv.shape[1])
     return out, stats
-
-
-def rel_err(out, ref, name):
-    out, ref = out.detach().double().flatten(), ref.detach().double().flatten()
-    nan_out, nan_ref = out.isnan(), ref.isnan()
-    assert torch.equal(nan_out, nan_ref), f"{name}: NaN at {int(nan_out.sum())} positions, " \
-                                          f"reference has {int(nan_ref.sum())}"
-    keep = ~nan_ref
-    scale = ref[keep].norm().item()
-    diff = (out[keep] - ref[keep]).norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 def make_inputs(lengths, n_cols, dtype, pad=0, gen=None):

@@ -18,6 +18,8 @@ import math
 import pytest
 import torch
 
+from numerics import rel_err_matching_nan as rel_err
+
 from kernelrl.ops.ppo_loss import COLUMNS, ppo_loss_reference
 
 native = pytest.importorskip(
@@ -142,17 +144,6 @@ def reference(x, agg="token-mean", g=1.0, norm_length=None):
     count = (x["mask"].double() * (x["mask"] != 0)).sum()
     stats["count"] = count / (count if count else 1)     # column 0: Σm / Σm
     return loss.detach(), torch.stack([stats[c] for c in COLUMNS]), dict(zip(GRADS, grads))
-
-
-def rel_err(out, ref, name):
-    out, ref = out.detach().double().flatten(), ref.detach().double().flatten()
-    nan_out, nan_ref = out.isnan(), ref.isnan()
-    assert torch.equal(nan_out, nan_ref), f"{name}: NaN at {int(nan_out.sum())} positions, " \
-                                          f"reference has {int(nan_ref.sum())}"
-    keep = ~nan_ref
-    scale = ref[keep].norm().item()
-    diff = (out[keep] - ref[keep]).norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 # ---- against float64 -----------------------------------------------------------------------------
