@@ -29,8 +29,7 @@ words cost one, a repeat half, and each word short of 3 or beyond 8 one; at most
 Every policy answers each of the 32 held-out prompts (heldout_prompts.jsonl: prompts never
 trained on) ``EVAL_SAMPLES`` = 16 times with the same settings: temperature 1, at most
 ``MAX_NEW_TOKENS`` = 16 tokens, <pad>, <s> and <unk> forbidden (a policy pushed far can
-emit them mid-response, where decoding would hide them; ``rollout.generate`` has no option
-for it, so ``sample`` is its loop plus that mask), sample j of prompt i drawn from a
+emit them mid-response, where decoding would hide them), sample j of prompt i drawn from a
 generator of its own seeded ``sample_seed(--seed, i, j)``. For each policy the table shows:
 
     gold score       the mean gold score of its 512 samples
@@ -97,8 +96,7 @@ from kernelrl.demo.task import (VOCAB, build_tokenizer, data_path, model_config,
 from kernelrl.train import common, rl
 from kernelrl.train.config import add_dataclass_args, config_from_namespace, save_config
 from kernelrl.train.metrics import read_metrics
-from kernelrl.train.rollout import (Rollout, next_token_logits, pad_prompts,
-                                    positions_from_mask, rollout_logprobs, sample_tokens)
+from kernelrl.train.rollout import Rollout, generate, rollout_logprobs
 from kernelrl.train.sample import load_policy, sample_seed
 
 __all__ = ["DemoConfig", "DemoError", "Recipe", "RECIPES", "MARGINS", "ALGOS", "POLICIES",
@@ -298,38 +296,13 @@ STAGES = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo, "grpo": run_grpo, "dpo":
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], seeds: list[int], *, eos_id: int, pad_id: int,
            forbidden: Sequence[int]) -> Rollout:
-    """One response per prompt (token ids), at temperature 1 with the ``forbidden`` tokens
-    masked out, row b drawn from a generator seeded ``seeds[b]``: the loop of
-    ``kernelrl.train.rollout.generate`` (KV cache, the same sampler) plus the mask, which
-    generate has no option for. Returns a Rollout for ``rollout_logprobs``."""
+    """One response per prompt (token ids) by ``kernelrl.train.rollout.generate``, at
+    temperature 1 with the ``forbidden`` tokens never drawn, row b from a generator seeded
+    ``seeds[b]``."""
     device = model.get_output_embeddings().weight.device
-    ids, prompt_mask = pad_prompts(prompts, pad_id, device)
-    batch, width = ids.shape
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    sequences = torch.full((batch, width + MAX_NEW_TOKENS), pad_id, device=device)
-    mask = torch.zeros_like(sequences)
-    sequences[:, :width], mask[:, :width] = ids, prompt_mask
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    positions = positions_from_mask(prompt_mask)
-    logits, cache = next_token_logits(model, ids, prompt_mask, positions, None)
-    position = positions[:, -1:] + 1
-    for r in range(MAX_NEW_TOKENS):
-        logits[:, list(forbidden)] = -math.inf
-        tokens, _ = sample_tokens(logits, generator=generators)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        sequences[:, width + r], mask[:, width + r] = tokens, (~finished).long()
-        finished |= tokens == eos_id
-        if bool(finished.all()) or r + 1 == MAX_NEW_TOKENS:
-            break
-        logits, cache = next_token_logits(model, tokens[:, None], mask[:, :width + r + 1],
-                                          position, cache)
-        position = position + 1
-    span = r + 1
-    response_mask = mask[:, width:width + span]
-    return Rollout(sequences=sequences[:, :width + span], attention_mask=mask[:, :width + span],
-                   prompt_length=width, response_mask=response_mask,
-                   response_lengths=response_mask.sum(-1), finished=finished,
-                   sampler_logprobs=torch.zeros(response_mask.shape, device=device))
+    return generate(model, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos_id,
+                    pad_token_id=pad_id, generator=generators, bad_token_ids=list(forbidden))
 
 
 def _response_logps(model, rollout: Rollout) -> torch.Tensor:

@@ -24,15 +24,17 @@ response); R LoRA rank. The formulas are those of ``kernelrl.ops.group_advantage
 A step (what ``--max-steps`` counts):
     1. draw ``--batch-size`` × ``--grad-accum`` prompts (a seeded, resumable order);
     2. per micro-batch of B prompts: sample G completions each (``generate``, KV cache,
-       eval mode, no gradients), the old and reference log-probs [B·G, T] and the scores
+       eval mode, no gradients; never ``--bad-token-ids``, by default the tokenizer's
+       special tokens but EOS), the old and reference log-probs [B·G, T] and the scores
        (``kernelrl.train.rl.collect_experience``), minus ``--missing-eos-penalty`` for a
        completion cut off by ``--max-new-tokens``;
     3. A_i = ``group_advantages`` of all the step's scores [B·G·M];
     4. μ = ``--num-ppo-epochs`` passes over the micro-batches, cut into mini-batches of
        ``--mini-batch-size`` prompts: each mini-batch is one optimizer update, its
        micro-batches' gradients accumulated. The first update of a step has ρ = 1 exactly
-       (the old log-probs come from the same call on the same weights). The learning-rate
-       schedule advances once per step, after its last update
+       (the old log-probs come from the same call on the same weights; the ban of
+       ``--bad-token-ids`` filters the sampler only, ``kernelrl.train.rollout``). The
+       learning-rate schedule advances once per step, after its last update
        (``kernelrl.train.rl_update.run_updates``, the update phase PPO runs too).
 
 Gradient normalisation. ``ppo_loss`` aggregates a micro-batch (``--loss-agg``); the

@@ -52,7 +52,8 @@ against 320 KB. Elsewhere the roles fall back to networks of their own:
 
 A step (what ``--max-steps`` counts):
     1. draw ``--batch-size`` × ``--grad-accum`` prompts (a seeded, resumable order);
-    2. per micro-batch: sample (temperature, top-k, top-p), the old and reference log-probs
+    2. per micro-batch: sample (temperature, top-k, top-p; never ``--bad-token-ids``, by
+       default the tokenizer's special tokens but EOS), the old and reference log-probs
        and the scores (``rl.collect_experience``, minus ``--missing-eos-penalty`` for a
        response cut off), then the old values V_old [B, R] (no gradients);
     3. r_t, A, R for the whole step at once (padded to the step's longest response, so
@@ -62,7 +63,8 @@ A step (what ``--max-steps`` counts):
        n_m / Σ n_m (its response tokens), so every term is a token mean over the
        mini-batch and ``--batch-size 2 --grad-accum 2`` equals ``--batch-size 4`` up to
        rounding. The first update of a step has ρ = 1 and V = V_old bitwise (the same
-       calls on the same weights). One AdamW over the policy's and the value's trainable
+       calls on the same weights; the ban of ``--bad-token-ids`` filters the sampler
+       only, ``kernelrl.train.rollout``). One AdamW over the policy's and the value's trainable
        weights, one learning rate and one global gradient clip over both (``--vf-coef``
        weighs the value term); the schedule advances after the step's last update
        (``kernelrl.train.rl_update.run_updates``, the update phase GRPO runs too).

@@ -9,6 +9,10 @@ The pieces, in the order a step uses them:
 
 - A run's inputs: ``run_prompts`` and ``run_reward`` build its prompts, sampling settings
   and reward from the settings GRPO and PPO share (``kernelrl.train.settings.RLConfig``).
+  Sampling never emits ``--bad-token-ids`` (``resolve_bad_token_ids``; by default the
+  tokenizer's special tokens but EOS: pad, BOS, unk, ...), a filter of the sampler only:
+  the log-probs stay the whole policy's, so the first update's ratio is still exactly 1
+  (``kernelrl.train.rollout``'s docstring explains why).
 - Prompts (``load_prompts``): a JSONL file, ``{"prompt": str}`` per line (a malformed
   line is a ValueError naming ``file:line``). A prompt is tokenised exactly as the SFT,
   reward-model and DPO data layer tokenises the prompt of an example
@@ -69,9 +73,9 @@ from kernelrl.train.rl_update import (AdaptiveKLController, FixedKLController,  
                                       RunState, kl_controller)
 from kernelrl.train.rm import SCORE_FILE, load_reward_model
 from kernelrl.train.rollout import Rollout, generate, logprob_drift, rollout_logprobs
-from kernelrl.train.settings import RLConfig
+from kernelrl.train.settings import SPECIAL_TOKENS, RLConfig, parse_bad_token_ids
 
-__all__ = ["run_prompts", "run_reward",
+__all__ = ["run_prompts", "run_reward", "resolve_bad_token_ids",
            "PromptSample", "PromptDataset", "read_prompts", "tokenize_prompts", "load_prompts",
            "load_reward_fn", "check_reward_model", "RewardFunction", "RewardModelScorer",
            "build_reward",
@@ -100,8 +104,34 @@ def run_prompts(cfg: RLConfig, tokenizer
         use_chat_template=cfg.chat_template, eval_path=cfg.eval_data,
         eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     sampling = Sampling(cfg.max_new_tokens, train.eos_token_id, train.pad_token_id,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                        bad_token_ids=resolve_bad_token_ids(cfg.bad_token_ids, tokenizer,
+                                                            eos_token_id=train.eos_token_id))
     return train, evals, sampling
+
+
+def resolve_bad_token_ids(spec: str | Sequence[int], tokenizer, *, eos_token_id: int | None,
+                          flag: str = "--bad-token-ids") -> tuple[int, ...]:
+    """The token ids ``--bad-token-ids`` bans, sorted: ``spec`` as
+    ``settings.parse_bad_token_ids`` reads it (``special``: ``tokenizer.all_special_ids``
+    but ``eos_token_id``, i.e. pad, BOS, unk and the additional special tokens; ids given
+    are banned as they are; ``''`` or ``none``: nothing), or a sequence of ids. An id given
+    that is EOS is a ValueError naming ``flag``; ``generate`` checks the range against the
+    model's vocabulary."""
+    if isinstance(spec, str):
+        special, ids = parse_bad_token_ids(spec, flag)
+    elif isinstance(spec, Sequence) and all(isinstance(t, int) and not isinstance(t, bool)
+                                            and t >= 0 for t in spec):
+        special, ids = False, tuple(spec)
+    else:
+        raise ValueError(f"{flag}: expected token ids or {SPECIAL_TOKENS!r}, got {spec!r}")
+    if eos_token_id is not None and eos_token_id in ids:
+        raise ValueError(f"{flag}: {eos_token_id} is the EOS token; it cannot be banned (a "
+                         f"response must be able to end)")
+    banned = set(ids)
+    if special:
+        banned.update(int(t) for t in tokenizer.all_special_ids if t != eos_token_id)
+    return tuple(sorted(banned))
 
 
 def run_reward(cfg: RLConfig, policy: nn.Module, tokenizer, device: torch.device):
@@ -385,7 +415,9 @@ def apply_missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor,
 
 @dataclass(frozen=True)
 class Sampling:
-    """``generate``'s settings. temperature > 0 (the log-probs are taken at it)."""
+    """``generate``'s settings. temperature > 0 (the log-probs are taken at it).
+    ``bad_token_ids``: ids never sampled (``resolve_bad_token_ids`` turns
+    ``--bad-token-ids`` into them); the log-probs stay those of the whole vocabulary."""
     max_new_tokens: int
     eos_token_id: int | None
     pad_token_id: int
@@ -393,6 +425,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    bad_token_ids: tuple[int, ...] = ()
 
     def generate(self, policy: nn.Module, prompts: Sequence[Sequence[int]],
                  generator=None) -> Rollout:
@@ -401,7 +434,8 @@ class Sampling:
         return generate(policy, prompts, max_new_tokens=self.max_new_tokens,
                         temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                         eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                        stop_token_ids=self.stop_token_ids, generator=generator)
+                        stop_token_ids=self.stop_token_ids, generator=generator,
+                        bad_token_ids=self.bad_token_ids)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

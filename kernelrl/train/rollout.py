@@ -11,8 +11,11 @@ Sampling (``generate``)::
     position_ids = clamp(cumsum(mask) − 1, min=0)         left padding does not shift positions
     prefill:  decoder(input_ids, mask, position_ids)      fills the KV cache; lm_head on the last
                                                           position only -> logits [B, V] float32
+    banned = bool mask [V] of bad_token_ids               built once per call, on the device
     step r = 0 .. R − 1:
-        y_r ~ softmax(top_p(top_k(logits / τ)))            Gumbel-max: argmax(filtered − log E),
+        y_r ~ softmax(top_p(top_k(ban(logits) / τ)))       ban: −inf at the banned ids
+                                                          (masked_fill, no host sync);
+                                                          Gumbel-max: argmax(filtered − log E),
                                                           E ~ Exp(1) [B, V] (τ = 0: argmax)
         sampler_logprobs[:, r] = log_softmax(logits / τ)[y_r]   temperature-scaled, UNFILTERED
         decode_step(y_r [B, 1], mask [B, P + r + 1], position [B, 1], cache) -> logits [B, V]
@@ -21,9 +24,37 @@ A row finishes at its first EOS or stop token (kept as its last response token);
 on it emits ``pad_token_id`` with attention-mask 0. Only [B, V] rows of logits ever exist,
 never [B, T, V]. One decode step is a replaceable function (``decode_step``, default
 ``next_token_logits``) so that another implementation (e.g. a 4-bit GEMV path) can be
-swapped in. The sampler's log-prob is that of the tempered distribution before top-k/top-p,
-so it is comparable with ``rollout_logprobs(..., temperature=τ)``; at τ = 0 (greedy) it is
-the log-prob under τ = 1.
+swapped in. The sampler's log-prob is that of the tempered distribution before the ban,
+top-k and top-p, so it is comparable with ``rollout_logprobs(..., temperature=τ)``; at
+τ = 0 (greedy) it is the log-prob under τ = 1.
+
+Banned tokens (``bad_token_ids``, e.g. pad, BOS, unk and other control tokens, which a
+policy pushed far emits mid-response): their logits are −inf before the temperature,
+top-k, top-p and the draw (or the argmax), so a banned id is never sampled, even when its
+logit is the highest. Like top-k and top-p, the ban filters the sampler; it does not change
+the policy. π is still softmax(logits / τ) over the whole vocabulary: ``sampler_logprobs``
+and ``rollout_logprobs`` are both its unfiltered log-probs (so ``logprob_drift`` stays at
+float rounding). Why this is the consistent design for PPO and GRPO:
+
+  * The importance ratio ρ = π_θ(y) / π_old(y) takes the old and the new log-probs from the
+    same call (``rollout_logprobs`` on the same rollout; ``kernelrl.train.rl.
+    policy_logprobs``), the ban entering neither, so ρ = 1 exactly at the first epoch,
+    with or without a ban. What must not happen is a masked log-prob on one side of the
+    ratio and an unmasked one on the other; here both are unmasked.
+  * The sampler is then q(y) = π(y) / π(A) on the allowed tokens A, not π: log q(y) =
+    log π(y) − log π(A), the same kind of sampler/policy gap that top-k and top-p open
+    (PPO's ratio ignores it). It is 0 when the banned ids carry no probability, and tiny
+    when they are sampled rarely, the case a ban of stray special tokens is for. In the
+    surrogate's gradient, A·∇log π(y) = A·∇log q(y) + A·∇log π(A), the extra term
+    vanishes with the banned mass; the KL to the reference and the entropy are those of
+    π, as for top-k and top-p.
+  * Renormalising the scoring over A as well would keep ρ = 1 too (both sides masked), but
+    the policy trained would then be right only under the ban, and the fused log-prob
+    kernel (which never builds the [B, T, V] logits) would need the banned logits; so the
+    ban stays a sampling filter.
+
+EOS must stay allowed (a response must be able to end), and so must the stop tokens:
+banning one is a ValueError, as is an id outside [0, V).
 
 Scoring (``rollout_logprobs``): ``kernelrl.models.logprobs.token_logprobs`` over the whole
 sequences [B, T], with ``Rollout.labels`` (-100 on the prompt and padding) and
@@ -34,7 +65,9 @@ over response tokens: the KV-cache path and the full-sequence path agree to floa
 (about 1e-6 in float32, more in 16-bit).
 
 Host syncs, each on purpose:
-  * building the batch from the prompts (host lists, one copy to the device);
+  * building the batch from the prompts (host lists, one copy to the device), and the
+    mask of ``bad_token_ids`` (one more copy, once per call; each step's ban is a
+    ``masked_fill`` on the device);
   * "have all rows finished?", once every ``FINISHED_CHECK_EVERY`` decode steps, not every
     step: a sync drains the device queue and stalls the CPU's kernel launches for the next
     step, while checking less often costs at most FINISHED_CHECK_EVERY − 1 wasted steps;
@@ -64,8 +97,8 @@ from kernelrl.models.hf import check_supported
 from kernelrl.models.logprobs import IGNORE_INDEX, token_logprobs
 
 __all__ = ["Rollout", "generate", "rollout_logprobs", "logprob_drift", "next_token_logits",
-           "sample_tokens", "filter_logits", "positions_from_mask", "pad_prompts",
-           "FINISHED_CHECK_EVERY"]
+           "sample_tokens", "bad_token_mask", "filter_logits", "positions_from_mask",
+           "pad_prompts", "FINISHED_CHECK_EVERY"]
 
 # Decode steps between two "all rows finished?" checks (each one is a host sync).
 FINISHED_CHECK_EVERY = 8
@@ -89,8 +122,9 @@ class Rollout:
     finished         [B] bool          True: ended with EOS or a stop token; False: cut off
                                        by max_new_tokens
     sampler_logprobs [B, R] float32    log-prob of each sampled token under the sampling
-                                       distribution: log_softmax(logits / τ) before top-k and
-                                       top-p (τ = 1 when sampling greedily); 0 on padding
+                                       distribution: log_softmax(logits / τ) before the ban
+                                       of bad_token_ids, top-k and top-p (τ = 1 when
+                                       sampling greedily); 0 on padding
     temperature      τ (float)         the sampling temperature (0: greedy)
     """
 
@@ -292,27 +326,65 @@ def _exponential(logits: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
     return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
 
+def bad_token_mask(bad_token_ids: Optional[Sequence[int]], vocab: int, *,
+                   eos_token_id: Optional[int] = None, stop_token_ids: Sequence[int] = (),
+                   device=None) -> Optional[torch.Tensor]:
+    """The bool mask [V] of ``bad_token_ids`` on ``device`` (True: never sampled), for
+    ``sample_tokens(banned=...)``; None when there is nothing to ban. Built on the host,
+    one copy to the device. ValueErrors name ``bad_token_ids``: an id outside [0, vocab),
+    EOS or a stop token (a row must be able to end), or every token of the vocabulary."""
+    if bad_token_ids is None:
+        return None
+    if isinstance(bad_token_ids, (int, str, bytes, torch.Tensor)) or \
+            not isinstance(bad_token_ids, Sequence):
+        raise ValueError(f"bad_token_ids: expected a sequence of token ids or None, got "
+                         f"{bad_token_ids!r}")
+    for t in bad_token_ids:
+        _check_token("bad_token_ids", t, vocab)
+    banned = set(bad_token_ids)
+    if not banned:
+        return None
+    if eos_token_id is not None and eos_token_id in banned:
+        raise ValueError(f"bad_token_ids: {eos_token_id} is eos_token_id; EOS cannot be "
+                         f"banned (a response must be able to end): remove it from "
+                         f"bad_token_ids")
+    stops = sorted(banned.intersection(stop_token_ids))
+    if stops:
+        raise ValueError(f"bad_token_ids: {stops[0]} is in stop_token_ids; a stop token "
+                         f"cannot be banned: remove it from one or the other")
+    if len(banned) >= vocab:
+        raise ValueError(f"bad_token_ids: bans all {vocab} tokens of the vocabulary; "
+                         f"nothing would be left to sample")
+    mask = torch.zeros(vocab, dtype=torch.bool)
+    mask[sorted(banned)] = True
+    return mask.to(device)
+
+
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, generator: GeneratorArg = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_p: float = 1.0, generator: GeneratorArg = None,
+                  banned: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from logits [B, V]: (tokens [B] long, logprobs [B] float32).
 
-    temperature 0 takes the argmax. Otherwise the token is drawn from
-    softmax(filter_logits(logits / τ, top_k, top_p)) by the Gumbel-max trick,
+    ``banned``: a bool mask [V] (or [B, V]; ``bad_token_mask``) of tokens that get logit
+    −inf first, so they are never chosen (at least one token per row must stay allowed).
+    temperature 0 then takes the argmax. Otherwise the token is drawn from
+    softmax(filter_logits(banned-out logits / τ, top_k, top_p)) by the Gumbel-max trick,
     argmax(filtered − log E) with E ~ Exp(1), which needs no host sync. ``generator``: a
     torch.Generator on the logits' device, or a sequence of B of them (one per row). The
-    log-prob returned is log_softmax(logits / τ) of the token, before filtering (τ = 1 when
-    greedy).
+    log-prob returned is log_softmax(logits / τ) of the token, before the ban and the
+    filters (τ = 1 when greedy): the policy's, as ``rollout_logprobs`` gives it (module
+    docstring).
     """
     _check_sampling(temperature, top_k, top_p)
     logits = logits.float()
+    allowed = logits if banned is None else logits.masked_fill(banned, float("-inf"))
     if temperature == 0:
-        tokens = logits.argmax(dim=-1)
+        tokens = allowed.argmax(dim=-1)
         logprobs = logits.log_softmax(dim=-1)
     else:
         scaled = logits / temperature
         logprobs = scaled.log_softmax(dim=-1)
-        filtered = filter_logits(scaled, top_k, top_p)
+        filtered = filter_logits(allowed / temperature, top_k, top_p)
         tokens = (filtered - _exponential(filtered, generator).log()).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -342,7 +414,8 @@ def _check_generator(generator, batch: int, device: torch.device):
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: Optional[int], pad_token_id: int,
              stop_token_ids: Sequence[int] = (), generator: GeneratorArg = None,
-             decode_step: Optional[DecodeStep] = None) -> Rollout:
+             decode_step: Optional[DecodeStep] = None,
+             bad_token_ids: Optional[Sequence[int]] = None) -> Rollout:
     """Sample a response to each prompt with the model's KV cache (module docstring).
 
     Args:
@@ -362,6 +435,11 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
         decode_step: ``f(model, input_ids [B, 1], attention_mask [B, P + r + 1],
             position_ids [B, 1], cache) -> (logits [B, V] float32, cache)``; default
             ``next_token_logits``. The prefill always uses ``next_token_logits``.
+        bad_token_ids: token ids never sampled (logit −inf before the temperature, top-k
+            and top-p; greedy included), or None. EOS and the stop tokens cannot be
+            banned. ``sampler_logprobs`` stay the unbanned policy's log-probs, as
+            ``rollout_logprobs`` computes them (module docstring: why the first PPO
+            epoch's ratio is still exactly 1).
 
     Returns a Rollout; R is the longest response (<= max_new_tokens).
     """
@@ -385,6 +463,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
                          f"{stop_token_ids!r}")
     for t in stop_token_ids:
         _check_token("stop_token_ids", t, vocab)
+    banned = bad_token_mask(bad_token_ids, vocab, eos_token_id=eos_token_id,
+                            stop_token_ids=stop_token_ids, device=device)      # [V] or None
     if decode_step is None:
         decode_step = next_token_logits
     elif not callable(decode_step):
@@ -419,7 +499,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
         for r in range(max_new_tokens):
             column = width + r
             tokens, logprobs = sample_tokens(logits, temperature=temperature, top_k=top_k,
-                                             top_p=top_p, generator=generator)
+                                             top_p=top_p, generator=generator, banned=banned)
             alive = ~finished
             tokens = torch.where(alive, tokens, pad)
             sequences[:, column] = tokens

@@ -21,7 +21,9 @@ prompts of a batch (``--batch-size`` prompts, so batch × N rows). Each row draw
 from a generator of its own, seeded by ``sample_seed(seed, prompt index, candidate
 index)``. So the completions do not depend on ``--batch-size`` (up to the float rounding of
 a batched forward), and candidate 0 of best-of-N is the completion of best-of-1 with the
-same seed: a prompt's best of N never scores below its single sample.
+same seed: a prompt's best of N never scores below its single sample. ``--bad-token-ids``
+are never sampled, as in the RL trainers (by default ``special``: the tokenizer's special
+tokens but EOS, i.e. pad, BOS, unk, ...; ``''`` bans nothing).
 
 The reward, as the RL trainers' (``rl.build_reward``): a reward model (``--reward-model``, a
 kernelrl rm run folder or export; a LoRA one trained on the policy's base sits on that
@@ -93,6 +95,8 @@ class SampleConfig:
         "help": "sampling temperature (0: greedy)"})
     top_k: int = field(default=0, metadata={"help": "sample from the k likeliest (0: off)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
+    bad_token_ids: str = field(default=settings.SPECIAL_TOKENS, metadata={
+        "help": settings.BAD_TOKEN_IDS_HELP})
     batch_size: int = field(default=8, metadata={
         "help": "prompts per generate call (each with its N samples as rows)"})
     seed: int = field(default=0, metadata={
@@ -121,6 +125,7 @@ class SampleConfig:
             "temperature": (lambda v: math.isfinite(v) and v >= 0,
                             "a finite number >= 0 (0: greedy)"),
             "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]")})
+        settings.parse_bad_token_ids(self.bad_token_ids)
         if self.reward_model is not None and self.reward_fn is not None:
             raise ValueError("--reward-model / --reward-fn: give one or the other, got both")
         if self.best_of is not None and self.reward_model is None and self.reward_fn is None:
@@ -219,15 +224,20 @@ def load_policy(path: str | os.PathLike, *, base_model: str | os.PathLike | None
 
 
 def make_sampling(tokenizer, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0) -> rl.Sampling:
+                  top_k: int = 0, top_p: float = 1.0,
+                  bad_token_ids: str | Sequence[int] = settings.SPECIAL_TOKENS
+                  ) -> rl.Sampling:
     """``rl.Sampling`` for ``tokenizer``: its EOS ends a completion, its pad token (else
-    EOS) pads; as the RL trainers' prompt data sets them."""
+    EOS) pads; as the RL trainers' prompt data sets them. ``bad_token_ids``: never sampled,
+    ``--bad-token-ids``' text or a sequence of ids (``rl.resolve_bad_token_ids``; the
+    default ``special`` bans the tokenizer's special tokens but EOS)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer: has no eos_token; a completion must be able to end")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return rl.Sampling(max_new_tokens, eos, pad, temperature=temperature, top_k=top_k,
-                       top_p=top_p)
+                       top_p=top_p, bad_token_ids=rl.resolve_bad_token_ids(
+                           bad_token_ids, tokenizer, eos_token_id=eos))
 
 
 def sample_seed(seed: int, prompt: int, sample: int) -> int:
@@ -360,7 +370,8 @@ def run(cfg: SampleConfig) -> Path:
                          attn_implementation=cfg.attn_implementation)
     model, tokenizer = policy.model, policy.tokenizer
     sampling = make_sampling(tokenizer, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                             bad_token_ids=cfg.bad_token_ids)
     data = rl.tokenize_prompts(records, tokenizer, use_chat_template=cfg.chat_template,
                                max_prompt_length=_prompt_limit(model, sampling,
                                                                cfg.max_prompt_length))

@@ -45,6 +45,13 @@ from kernelrl.train.data import OVERLONG
 from kernelrl.train.metrics import NonFiniteLossError
 
 
+#: ``--bad-token-ids``' word for the tokenizer's special tokens other than EOS
+SPECIAL_TOKENS = "special"
+#: ``--bad-token-ids``' help (the RL trainers and ``kernelrl sample``)
+BAD_TOKEN_IDS_HELP = ("token ids never sampled, comma-separated; special: the tokenizer's "
+                      "special tokens but EOS (pad, bos, unk, additional ones), combinable "
+                      "with ids (special,7); '' or none: ban nothing")
+
 #: ``--data``'s help for the preference trainers (reward model, DPO)
 PREFERENCE_DATA_HELP = ('training JSONL: {"prompt", "chosen", "rejected"} or {"prompt", '
                         '"responses": [best, ..., worst]} per line')
@@ -181,6 +188,33 @@ def check_ints(cfg: Any, floors: dict[str, int], *, optional: bool = False) -> N
             raise bad_setting(cfg, name, f"an int >= {least}" + (" or none" if optional else ""))
 
 
+def parse_bad_token_ids(text: Any, flag: str = "--bad-token-ids"
+                        ) -> tuple[bool, tuple[int, ...]]:
+    """``--bad-token-ids`` read: (whether it names the special tokens, the explicit ids in
+    the order given, without repeats). ``text``: comma-separated items, each a token id
+    (an int >= 0) or ``special`` (``SPECIAL_TOKENS``); ``''`` or ``none`` bans nothing.
+    Which ids ``special`` means needs the tokenizer: ``kernelrl.train.rl.
+    resolve_bad_token_ids``. A ValueError names ``flag`` and the item it cannot read."""
+    expected = (f"comma-separated token ids (ints >= 0) and/or {SPECIAL_TOKENS!r} (the "
+                f"tokenizer's special tokens but EOS), or '' or none to ban nothing")
+    if not isinstance(text, str):
+        raise ValueError(f"{flag}: expected {expected}, got {text!r}")
+    if text.strip().lower() in ("", "none"):
+        return False, ()
+    special, ids = False, []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item.lower() == SPECIAL_TOKENS:
+            special = True
+        elif item.isascii() and item.isdigit():
+            if int(item) not in ids:
+                ids.append(int(item))
+        else:
+            raise ValueError(f"{flag}: expected {expected}, got {item!r} in {text!r}")
+    return special, tuple(ids)
+
+
 #: ranges for ``check_numbers`` that several settings use
 FINITE = (math.isfinite, "a finite number")
 NONNEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
@@ -246,6 +280,7 @@ class RLConfig(TrainConfig):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
     top_k: int = field(default=0, metadata={"help": "sample from the k likeliest (0: off)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
+    bad_token_ids: str = field(default=SPECIAL_TOKENS, metadata={"help": BAD_TOKEN_IDS_HELP})
     max_prompt_length: Optional[int] = field(default=None, metadata={
         "help": "prompt tokens kept (the last ones; default --max-length - "
                 "--max-new-tokens)"})
@@ -265,8 +300,10 @@ class RLConfig(TrainConfig):
 def validate_rl(cfg: RLConfig) -> None:
     """``validate_common``, then the ``RLConfig`` fields: exactly one of
     ``--reward-model`` and ``--reward-fn`` (the function imported here, so a bad one exits
-    2), the ranges, ``--lora-dropout`` 0, room for the prompt, ``--mini-batch-size`` a
-    multiple of ``--batch-size`` dividing the step's prompts. ValueErrors name the flag."""
+    2), the ranges, ``--bad-token-ids`` readable (``parse_bad_token_ids``; EOS among
+    them is refused once the tokenizer is loaded), ``--lora-dropout`` 0, room for the
+    prompt, ``--mini-batch-size`` a multiple of ``--batch-size`` dividing the step's
+    prompts. ValueErrors name the flag."""
     validate_common(cfg)
     if (cfg.reward_model is None) == (cfg.reward_fn is None):
         raise ValueError(f"--reward-model / --reward-fn: give exactly one, got "
@@ -279,6 +316,7 @@ def validate_rl(cfg: RLConfig) -> None:
         "temperature": POSITIVE, "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "clip_eps": NONNEGATIVE, "entropy_coef": FINITE})
     check_numbers(cfg, {"missing_eos_penalty": FINITE}, optional=True)
+    parse_bad_token_ids(cfg.bad_token_ids)
     if cfg.lora_dropout != 0:
         raise bad_setting(cfg, "lora_dropout", "0 (RL runs the policy without dropout)")
     if cfg.max_prompt_length is None and cfg.max_new_tokens >= cfg.max_length:

@@ -35,6 +35,7 @@ SHARED_BAD_SETTINGS = (
     (("--temperature", 0), "--temperature: expected a finite number > 0"),
     (("--max-new-tokens", 2000), "--max-new-tokens 2000: leaves no room"),
     (("--max-prompt-length", 0), "--max-prompt-length: expected an int >= 1 or none"),
+    (("--bad-token-ids", "pad"), "--bad-token-ids: expected comma-separated token ids"),
 )
 
 

@@ -71,6 +71,38 @@ def test_reward_rises_through_the_cli(runs, tmp_path):
     assert (out / "model" / "model.safetensors").is_file()
 
 
+def test_the_rollouts_never_hold_the_banned_tokens(runs, tmp_path, monkeypatch, capsys):
+    """--bad-token-ids reaches every rollout (by default the tokenizer's special tokens but
+    EOS); the first update's ratio stays 1 (clipfrac and approx_kl 0 with one epoch)."""
+    tok = make_tokenizer()
+    specials = {tok.pad_token_id, tok.bos_token_id, tok.unk_token_id}
+    said = []
+    real = rl.collect_experience
+
+    def spy(*args, **kw):
+        exp = real(*args, **kw)
+        said.append({t for row in exp.rollout.responses() for t in row})
+        return exp
+
+    monkeypatch.setattr(rl, "collect_experience", spy)
+    tokens = {}
+    for name, flags in (("default", ()), ("none", ("--bad-token-ids", "")),
+                        ("more", ("--bad-token-ids", "special,4,5"))):
+        said.clear()
+        out = tmp_path / name
+        assert grpo.main(runs.args(out, "--max-steps", 3, *flags)) == 0
+        tokens[name] = set().union(*said)
+        _, steps = run_records(out, 3, KEYS)
+        assert all(r["clipfrac"] == 0 and r["approx_kl"] == 0 for r in steps)
+        assert all(r["rollout/logprob_drift"] < 1e-4 for r in steps)
+    assert not tokens["default"] & specials and tokens["none"] & specials
+    assert not tokens["more"] & (specials | {4, 5})
+    eos = str(tok.eos_token_id)
+    assert grpo.main(runs.args(tmp_path / "eos", "--bad-token-ids", eos)) == 1
+    assert f"--bad-token-ids: {eos} is the EOS token" in capsys.readouterr().err
+    assert not (tmp_path / "eos").exists()
+
+
 def test_a_large_kl_loss_keeps_the_policy_near_the_reference(runs, tmp_path):
     kl = {}
     for coef in (1e-3, 1.0):

@@ -212,6 +212,109 @@ def test_first_update_ratio_is_exactly_one(model_dir, lora, checkpointing):
     assert metrics["kl"] == pytest.approx(kl.mean().item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_first_update_ratio_is_exactly_one_with_banned_tokens(model_dir, lora):
+    """A policy whose lm_head makes the tokenizer's special tokens the likeliest at every
+    position: with them banned (``--bad-token-ids special``) none is sampled, and yet the
+    update's log-probs equal the old ones bitwise (ratio exactly 1), both those of the
+    whole, unbanned policy (the sampler's agree with them)."""
+    tok, data = _samples()
+    model = _policy(model_dir, lora)
+    banned = rl.resolve_bad_token_ids("special", tok, eos_token_id=data.eos_token_id)
+    assert banned == tuple(sorted(VOCAB[t] for t in SPECIALS if t != "</s>"))
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[list(banned)] = 10.0
+    head.requires_grad_(not lora)
+    model.lm_head = head
+
+    def experience(sampling):
+        torch.manual_seed(1)
+        return rl.collect_experience(model, data.samples, sampling=sampling,
+                                     reward=rl.RewardFunction(marker_reward, tok), repeats=3)
+
+    free = experience(_sampling(data))
+    said = [t for row in free.rollout.responses() for t in row]
+    assert sum(t in banned for t in said) > len(said) / 2          # they dominate
+    exp = experience(_sampling(data, bad_token_ids=banned))
+    said = [t for row in exp.rollout.responses() for t in row]
+    assert said and not set(said) & set(banned)
+
+    logprobs, entropy = rl.policy_logprobs(model, exp.rollout, 0.7)      # as the update
+    assert logprobs.requires_grad
+    assert torch.equal(logprobs.detach(), exp.logprobs)                  # bitwise
+    assert torch.equal(entropy.detach(), exp.entropy)
+    loss, stats = ppo_loss(logprobs, exp.logprobs, torch.linspace(-1, 1, 9),
+                           exp.rollout.response_mask, agg="seq-mean-token-mean")
+    assert stats["ratio_mean"].item() == 1.0 and stats["clipfrac"].item() == 0.0
+    assert stats["approx_kl"].item() == 0.0
+    loss.backward()
+    metrics, _ = rl.rollout_metrics([exp])
+    assert metrics["rollout/logprob_drift"] < 1e-4
+    # the unbanned policy's log-probs: the banned ids hold most of the mass
+    assert float(exp.logprobs[exp.rollout.response_mask == 1].max()) < -2
+
+
+def test_bad_token_ids_setting(tmp_path):
+    """--bad-token-ids: read by settings.parse_bad_token_ids, turned into ids with the
+    tokenizer by rl.resolve_bad_token_ids, carried into Sampling by run_prompts; a flag of
+    each RL trainer, in config.toml too."""
+    from kernelrl.train.config import config_from_args, config_to_toml, save_config
+
+    parse = settings.parse_bad_token_ids
+    assert parse("special") == (True, ()) and parse(" Special ") == (True, ())
+    assert parse("") == parse("none") == parse(" NONE ") == (False, ())
+    assert parse("3, 5,3,special,") == (True, (3, 5))
+    assert parse("7") == (False, (7,))
+    for bad in ("pad", "-1", "1.5", "+2", "special;3", "none,3", "٣"):
+        with pytest.raises(ValueError, match="--bad-token-ids: expected comma-separated"):
+            parse(bad)
+    with pytest.raises(ValueError, match="--bad-token-ids: expected"):
+        parse([1, 2])
+
+    tok = make_tokenizer()
+    eos = tok.eos_token_id
+    specials = tuple(sorted(VOCAB[t] for t in SPECIALS if t != "</s>"))
+    resolve = rl.resolve_bad_token_ids
+    assert resolve("special", tok, eos_token_id=eos) == specials
+    assert resolve("special,9,4", tok, eos_token_id=eos) == tuple(sorted(specials + (4, 9)))
+    assert resolve("", tok, eos_token_id=eos) == resolve("none", tok, eos_token_id=eos) == ()
+    assert resolve([9, 4], tok, eos_token_id=eos) == (4, 9)
+    # the pad token is EOS (a common setting): it stays allowed
+    assert resolve("special", tok, eos_token_id=VOCAB["<pad>"]) == \
+        tuple(sorted(VOCAB[t] for t in SPECIALS if t != "<pad>"))
+    with pytest.raises(ValueError, match=f"--bad-token-ids: {eos} is the EOS token"):
+        resolve(f"special,{eos}", tok, eos_token_id=eos)
+    with pytest.raises(ValueError, match="--bad-token-ids: expected token ids"):
+        resolve([1, -2], tok, eos_token_id=eos)
+
+    for module, config in ((grpo, grpo.GRPOConfig), (ppo, ppo.PPOConfig)):
+        base = ["--model", "m", "--data", "d", "--out", "o", "--reward-fn",
+                "rl_helpers:marker_reward"]
+        assert config_from_args(config, base).bad_token_ids == "special"
+        for value in ("", "none", "1,2", "special,5"):
+            cfg = config_from_args(config, base + ["--bad-token-ids", value])
+            assert cfg.bad_token_ids == value
+            assert f"bad_token_ids = {value!r}".replace("'", '"') in config_to_toml(cfg)
+            path = save_config(cfg, tmp_path / "config.toml")
+            assert config_from_args(config, ["--config", str(path)]) == cfg
+        with pytest.raises(ValueError, match="--bad-token-ids: expected"):
+            config(model="m", data="d", out="o", reward_fn="rl_helpers:marker_reward",
+                   bad_token_ids="bos")
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", prompt_rows(3))
+    cfg = ppo.PPOConfig(model="m", data=str(prompts), out="o",
+                        reward_fn="rl_helpers:marker_reward", max_new_tokens=8)
+    assert rl.run_prompts(cfg, tok)[2].bad_token_ids == specials
+    cfg = dataclasses.replace(cfg, bad_token_ids="")
+    assert rl.run_prompts(cfg, tok)[2].bad_token_ids == ()
+    cfg = dataclasses.replace(cfg, bad_token_ids=str(eos))
+    with pytest.raises(ValueError, match=f"--bad-token-ids: {eos} is the EOS token"):
+        rl.run_prompts(cfg, tok)
+
+
 def test_reference_copy_stays_the_initial_model(model_dir):
     tok, data = _samples(2)
     model = _policy(model_dir, lora=False)

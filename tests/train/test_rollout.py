@@ -8,9 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from kernelrl.models.lora import apply_lora, disable_adapters, lora_modules, use_adapter
-from kernelrl.train.rollout import (FINISHED_CHECK_EVERY, Rollout, filter_logits, generate,
-                                    logprob_drift, next_token_logits, pad_prompts,
-                                    positions_from_mask, rollout_logprobs, sample_tokens)
+from kernelrl.train.rollout import (FINISHED_CHECK_EVERY, Rollout, bad_token_mask,
+                                    filter_logits, generate, logprob_drift, next_token_logits,
+                                    pad_prompts, positions_from_mask, rollout_logprobs,
+                                    sample_tokens)
 
 PAD = 0
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -198,6 +199,107 @@ def test_top_p_applies_after_top_k_on_the_renormalised_distribution():
     assert kept(filter_logits(torch.tensor([[0.0, 10.0, 0.0]]), top_p=1e-6)) == [[1]]
 
 
+# ---- banned tokens ------------------------------------------------------------------------------
+
+BANNED = (0, 1, 3)     # pad, BOS and another id; EOS (2) stays allowed
+
+
+def dominated_model(seed: int = 0, boost: float = 12.0) -> LlamaForCausalLM:
+    """``tiny_model`` whose lm_head has a bias of ``boost`` on the BANNED ids: whatever the
+    hidden state, one of them has the highest logit at every position."""
+    model = tiny_model(seed)
+    head = torch.nn.Linear(32, 64, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[list(BANNED)] = boost
+    model.lm_head = head
+    return model.eval()
+
+
+def test_sample_tokens_ban_renormalises_and_keeps_the_unbanned_logprobs():
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(40000, 4)
+    banned = bad_token_mask([3], 4)
+    assert banned.tolist() == [False, False, False, True]
+    tokens, logprobs = sample_tokens(logits, temperature=1.0, generator=gen(0), banned=banned)
+    freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
+    torch.testing.assert_close(freq, torch.tensor([1, 2, 3, 0]) / 6.0, rtol=0, atol=0.01)
+    # the log-prob is the policy's, over the whole vocabulary (not renormalised over 0..2)
+    torch.testing.assert_close(logprobs, logits.gather(1, tokens[:, None]).squeeze(1))
+    # the ban comes before top-k: top_k=2 keeps the two largest allowed (1 and 2)
+    tokens, _ = sample_tokens(logits, temperature=0.7, top_k=2, generator=gen(1), banned=banned)
+    freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
+    p = torch.tensor([0.0, 0.2, 0.3, 0.0]) ** (1 / 0.7)
+    torch.testing.assert_close(freq, p / p.sum(), rtol=0, atol=0.01)
+    # and before top-p and greedy
+    tokens, _ = sample_tokens(logits, top_p=0.3, generator=gen(2), banned=banned)
+    assert set(tokens.tolist()) == {2}
+    tokens, logprobs = sample_tokens(logits[:2], temperature=0, banned=banned)
+    assert tokens.tolist() == [2, 2]
+    torch.testing.assert_close(logprobs, logits[:2, 2])
+    assert bad_token_mask(None, 4) is None and bad_token_mask([], 4) is None
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 5, 0.9), (0.0, 0, 1.0)])
+def test_banned_ids_are_never_sampled_even_when_their_logit_is_the_highest(temperature, top_k,
+                                                                            top_p):
+    model = dominated_model()
+    kw = dict(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p,
+              eos_token_id=2, pad_token_id=PAD)
+    # Without the ban the model says little else (a banned id is every step's argmax).
+    free = generate(model, PROMPTS, generator=gen(3), **kw)
+    said = [t for row in free.responses() for t in row]
+    assert sum(t in BANNED for t in said) > 0.9 * len(said)
+    for seed in range(4):
+        out = generate(model, PROMPTS, generator=[gen(seed + 10 * b) for b in range(3)],
+                       bad_token_ids=list(BANNED), **kw)
+        assert out.response_lengths.min() >= 1
+        for row in out.responses():
+            assert not set(row) & set(BANNED), row
+        # The rollout log-probs: the same call twice (old, and new with gradients, as a PPO
+        # update makes them) are bitwise equal, so the first epoch's ratio is exactly 1.
+        tau = temperature or 1.0
+        with torch.no_grad():
+            old = rollout_logprobs(model, out, temperature=tau)
+        new = rollout_logprobs(model, out, temperature=tau)
+        assert new.requires_grad and torch.equal(new.detach(), old)
+        ratio = (new.detach() - old).exp()[out.response_mask == 1]
+        assert bool((ratio == 1).all())
+        # The sampler recorded the same unbanned log-probs (drift at float rounding): much
+        # lower than under the sampler's renormalised distribution, as the banned ids
+        # hold most of the mass.
+        assert float(logprob_drift(out, old)) < 1e-4
+        assert float(old[out.response_mask == 1].max()) < -5
+
+
+def test_ban_with_top_k_one_is_greedy_with_the_ban():
+    model = dominated_model()
+    kw = dict(max_new_tokens=8, eos_token_id=None, pad_token_id=PAD, bad_token_ids=BANNED)
+    greedy_ban = generate(model, PROMPTS, temperature=0, **kw)
+    top1 = generate(model, PROMPTS, temperature=0.9, top_k=1, generator=gen(0), **kw)
+    assert torch.equal(greedy_ban.sequences, top1.sequences)
+    with torch.no_grad():
+        logits = model(input_ids=greedy_ban.sequences, attention_mask=greedy_ban.attention_mask,
+                       position_ids=greedy_ban.position_ids).logits
+    logits[..., list(BANNED)] = float("-inf")
+    want = logits[:, WIDTH - 1:-1].argmax(-1)           # the allowed argmax at each step
+    assert torch.equal(greedy_ban.response_ids, want)
+
+
+def test_a_ban_draws_the_same_noise():
+    """The ban changes a row only where a banned id would have been drawn: the noise is
+    drawn the same, so rows that never met a banned id are unchanged."""
+    model = tiny_model()
+    kw = dict(max_new_tokens=10, eos_token_id=None, pad_token_id=PAD)
+    free = generate(model, PROMPTS, generator=gen(7), **kw)
+    rows = free.responses()
+    unused = sorted(set(range(4, 64)) - {t for row in rows for t in row})[:5]
+    assert unused
+    banned = generate(model, PROMPTS, generator=gen(7), bad_token_ids=unused, **kw)
+    assert torch.equal(free.sequences, banned.sequences)
+    assert torch.equal(free.sampler_logprobs, banned.sampler_logprobs)
+
+
 # ---- EOS and stop tokens -------------------------------------------------------------------------
 
 def test_eos_and_stop_tokens_end_rows_and_pad_after(model):
@@ -350,6 +452,14 @@ def test_texts_decode_the_responses():
     (dict(stop_token_ids=5), "stop_token_ids"),
     (dict(generator=[torch.Generator()]), "generator"),
     (dict(generator="seed"), "generator"),
+    (dict(bad_token_ids=[5, 64]), r"bad_token_ids: expected a token id in \[0, 64\), got 64"),
+    (dict(bad_token_ids=[-1]), r"bad_token_ids: .* got -1"),
+    (dict(bad_token_ids=5), "bad_token_ids: expected a sequence"),
+    (dict(bad_token_ids=["5"]), "bad_token_ids"),
+    (dict(eos_token_id=2, bad_token_ids=[5, 2]), "bad_token_ids: 2 is eos_token_id; EOS "
+                                                 "cannot be banned"),
+    (dict(stop_token_ids=(7,), bad_token_ids=[7]), "bad_token_ids: 7 is in stop_token_ids"),
+    (dict(bad_token_ids=list(range(64))), "bad_token_ids: bans all 64 tokens"),
 ])
 def test_errors_name_the_argument(model, kw, match):
     args = dict(prompts=PROMPTS, max_new_tokens=4, eos_token_id=None, pad_token_id=PAD)

@@ -14,7 +14,7 @@ import torch
 
 import train_helpers
 from rl_helpers import marker_reward, prompt_rows, write_module
-from train_helpers import NUMBERS, make_tokenizer, snapshot, write_jsonl
+from train_helpers import NUMBERS, SPECIALS, VOCAB, make_tokenizer, snapshot, write_jsonl
 from kernelrl.models.hf import load_model
 from kernelrl.train import common, rl, sample
 from kernelrl.train.rollout import generate
@@ -75,17 +75,29 @@ def _lines(path):
 def test_best_of_1_is_plain_sampling_with_the_same_seed(model, sampling):
     plain = _best(model, sampling, 1, batch_size=6)
     scored = _best(model, sampling, 1, number_reward, batch_size=6)
-    # By hand: one generate call, prompt i drawn from generator sample_seed(3, i, 0).
+    # By hand: one generate call, prompt i drawn from generator sample_seed(3, i, 0), the
+    # tokenizer's special tokens but EOS banned (--bad-token-ids' default, special).
     tok = make_tokenizer()
     data = rl.tokenize_prompts([("", p) for p in PROMPTS], tok, max_prompt_length=100)
-    generators = [torch.Generator().manual_seed(sample.sample_seed(3, i, 0))
-                  for i in range(len(PROMPTS))]
-    with torch.no_grad():
-        rollout = generate(model, [s.ids for s in data.samples], generator=generators,
-                           max_new_tokens=NEW_TOKENS, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)
+    specials = [VOCAB[t] for t in SPECIALS if t != "</s>"]
+    assert sampling.bad_token_ids == tuple(sorted(specials))
+
+    def by_hand(banned):
+        generators = [torch.Generator().manual_seed(sample.sample_seed(3, i, 0))
+                      for i in range(len(PROMPTS))]
+        with torch.no_grad():
+            return generate(model, [s.ids for s in data.samples], generator=generators,
+                            max_new_tokens=NEW_TOKENS, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, bad_token_ids=banned)
+
+    rollout = by_hand(specials)
+    assert not {t for row in rollout.responses() for t in row} & set(specials)
     texts = rollout.texts(tok)
     assert [r["completion"] for r in plain] == [r["completion"] for r in scored] == texts
+    # without the ban, this random model does emit special tokens (decoding hides them)
+    free = by_hand(None)
+    assert {t for row in free.responses() for t in row} & set(specials)
+    assert free.texts(tok) != texts
     assert len(set(texts)) > 1                                  # really sampled
     assert all(r["score"] is None and r["scores"] is None for r in plain)
     assert [r["score"] for r in scored] == number_reward(PROMPTS, texts)
@@ -196,6 +208,8 @@ def test_a_crash_leaves_no_file(model_dir, prompts_file, tmp_path, monkeypatch, 
     (("--temperature", -1), "--temperature: expected a finite number >= 0"),
     (("--top-p", 0), "--top-p: expected a number in (0, 1]"),
     (("--batch-size", 0), "--batch-size: expected an int >= 1"),
+    (("--bad-token-ids", "pad"), "--bad-token-ids: expected comma-separated token ids"),
+    (("--bad-token-ids", "1,-2"), "--bad-token-ids: expected comma-separated token ids"),
 ])
 def test_bad_settings_exit_2_naming_the_flag(model_dir, prompts_file, tmp_path, capsys,
                                              flags, message):
@@ -213,8 +227,37 @@ def test_help_lists_the_flags(capsys):
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--policy PATH", "--best-of INT", "--reward-model STR", "--reward-fn STR",
-                 "--overwrite, --no-overwrite", "--max-prompt-length INT", "--top-k INT"):
+                 "--overwrite, --no-overwrite", "--max-prompt-length INT", "--top-k INT",
+                 "--bad-token-ids STR"):
         assert flag.replace("PATH", "STR") in text, flag
+    assert "'' or none: ban nothing (default: special)" in text
+
+
+def test_bad_token_ids_through_the_cli(model_dir, model, prompts_file, tmp_path, capsys):
+    tok = make_tokenizer()
+    outs = {}
+    for name, flags in (("default", ()), ("none", ("--bad-token-ids", "")),
+                        ("more", ("--bad-token-ids", "special,4,5"))):
+        outs[name] = tmp_path / f"{name}.jsonl"
+        assert sample.main(_args(model_dir, prompts_file, outs[name], *flags)) == 0
+        got = [r["completion"] for r in _lines(outs[name])]
+        sampling = sample.make_sampling(tok, max_new_tokens=NEW_TOKENS,
+                                        bad_token_ids=flags[1] if flags else "special")
+        assert got == [r["completion"] for r in _best(model, sampling, 1, batch_size=8)]
+        banned = {"none": (), "default": (0, 1, 2), "more": (0, 1, 2, 4, 5)}[name]
+        assert sampling.bad_token_ids == banned
+        assert not {w for text in got for w in text.split()} & \
+            {t for t, i in VOCAB.items() if i in banned}
+    assert _lines(outs["default"]) != _lines(outs["none"])
+    # EOS cannot be banned; an id past the model's vocabulary is refused by generate
+    for value, message in (
+            ("special,3", "--bad-token-ids: 3 is the EOS token"),
+            ("99", f"bad_token_ids: expected a token id in [0, {len(VOCAB)}), got 99")):
+        out = tmp_path / "bad.jsonl"
+        args = _args(model_dir, prompts_file, out, "--bad-token-ids", value)
+        assert sample.main(args) == 1
+        assert message in capsys.readouterr().err
+        assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------
