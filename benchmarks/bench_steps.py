@@ -1,14 +1,17 @@
-"""Benchmark: one whole training step (SFT, DPO) of a small Llama: kernelrl vs eager vs TRL.
+"""Benchmark: one training step (SFT, DPO, PPO) of a small Llama: kernelrl vs eager vs TRL.
 
 Shape legend: B sequences, T tokens per sequence (SFT); P pairs, Tp prompt and Tr response
-tokens per sequence (DPO: 2·P sequences of Tp + Tr); H hidden, I MLP width, L layers
-(H/64 heads, as many KV heads), V vocabulary; tok = tokens in the step's batch; thr =
-torch intra-op threads during the step (CPU: 2, or the cores there are if fewer).
+tokens per sequence (DPO: 2·P sequences of Tp + Tr); B prompts of Tp tokens, one response
+of Tr tokens each (PPO); H hidden, I MLP width, L layers (H/64 heads, as many KV heads), V
+vocabulary; tok = tokens in the step's batch (PPO: B·(Tp + Tr), the iteration's sequences);
+thr = torch intra-op threads during the step (CPU: 2, or the cores there are if fewer).
 
 Target shapes (--full): H=256 I=688 L=4 V=32000, fp32; SFT B=8 T=512 (4,096 tokens, every
 token but the first of each row scored); DPO P=8 Tp=256 Tr=256 (16 sequences, 8,192 tokens,
-the response tokens scored). Default (light) shapes: H=128 I=344 L=2 V=8000, SFT B=2 T=128,
-DPO P=1 Tp=64 Tr=64, cases "sft" and "dpo_lora" only. No padding in either.
+the response tokens scored); PPO B=8 Tp=64 Tr=64 (1,024 tokens), one PPO epoch of one
+mini-batch. Default (light) shapes: H=128 I=344 L=2 V=8000, SFT B=2 T=128, DPO P=1 Tp=64
+Tr=64, PPO B=4 Tp=32 Tr=32; the default run has the cases "dpo_lora" and "ppo_lora" (the
+tests also run "sft"). No padding in any.
 
 Every row trains the same model from the same initial weights (LlamaForCausalLM of that
 config under torch.manual_seed(0); LoRA r=16 alpha=16 on q,k,v,o,gate,up,down with the same
@@ -45,6 +48,21 @@ gradient norm clipped to 1.0, DPO beta 0.1 (sigmoid loss), transformers' default
             accelerator.prepare with the model, as Trainer.train() does. Not timed: the
             trainer's setup, data loading and collation, callbacks and logging.
 
+PPO (case "ppo_lora", built in steps_ppo.py, whose docstring has the details): one
+iteration, rollout and update, of kernelrl ppo's four roles on one base (adapters policy,
+reward and value, the reference = adapters off), sampling at temperature 1 with no EOS (so
+every response is Tr tokens), the PPOConfig defaults but lr 1e-4 and one optimizer update.
+  kernelrl  kernelrl.train.ppo.train's iteration by its own functions: rl.collect_experience
+            (rollout.generate's KV-cache sampler; old, reference log-probs; reward scores),
+            the old values, ppo.step_targets (kernelrl.ops.kl_penalized_advantages),
+            rl.rollout_metrics, rl_update.run_updates with ppo.ppo_micro_loss
+            (kernelrl.ops.ppo_loss), clip, host sync, AdamW and scheduler steps.
+  eager     PEFT with the same three adapters, HF model.generate, full logits +
+            log_softmax + gather, reward and values from the last hidden states, GAE as the
+            reversed Python loop over time steps, whitening, the clipped PPO and value
+            losses in plain torch, backward, clip_grad_norm_, torch AdamW step.
+  trl       none: trl 1.16 has no PPOTrainer (removed after 0.2x).
+
 The batch is built before timing for every row (kernelrl.train.batching.collate_sft /
 collate_preferences; TRL: its own collator). Tokens/s = tok / median step time; the target
 lines print it for every row. flops (for TFLOP/s and % of the fp32 matmul ceiling): linear
@@ -56,7 +74,11 @@ every row of a case, so the rate ranks like time.
 Check before timing: every row takes one step from the same start on the same batch;
 its loss must equal eager's (|diff| <= 1e-4 + 1e-5·|loss|) and its trainable parameters
 afterwards must agree with eager's to 0.1% of eager's update: ||p - p_eager|| <= 1e-3 ·
-||p_eager - p_0|| over all trainable parameters.
+||p_eager - p_0|| over all trainable parameters. PPO: the rows sample with the same seed
+and settings but by different code, so the check is on the update given the same rollout:
+each row returns its rollout too, and eager's update is replayed on that very rollout in a
+freshly built eager model, from the same start; the same two conditions then hold against
+that replay.
 
 Peak memory (CPU; a fresh process per row, median of 3 with --full): extra = peak RSS
 (VmHWM) over one warm-up step and one measured step - RSS once the model(s), optimizer (no
@@ -71,26 +93,30 @@ Targets (printed MET / NOT MET / NOT CHECKED with the numbers, never asserted):
        tokens/s at least eager's (median of >= 5 paired round-robin rounds) and extra
        memory at most 1/2 of eager's.
   GPU  kernelrl DPO (full and LoRA) at least 1.5x TRL's tokens/s at most 1/2 of TRL's peak
-       memory (the same shapes; NOT CHECKED on a CPU run).
+       memory; kernelrl PPO (LoRA) at least 2x eager's tokens/s at most 1/2 of eager's
+       peak memory (the same shapes; NOT CHECKED on a CPU run, where the PPO line prints
+       the tokens/s of each row at the full shape).
 
 Run: python benchmarks/run.py steps --full --device cpu --out cpu.json (--quick: light).
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import sys
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cases  # noqa: E402
 import common  # noqa: E402
 import report  # noqa: E402
+import steps_common  # noqa: E402
+import steps_ppo  # noqa: E402
 import suite  # noqa: E402
 from cases import Case, Impl  # noqa: E402
+from steps_common import (EOS, LORA_ALPHA, LORA_R, LORA_TARGETS, LR,  # noqa: E402
+                          MAX_GRAD_NORM, MODEL_FULL, MODEL_QUICK, PAD, SEED, TOTAL_STEPS,
+                          compare_step, draw_ids, init_adapters, llama, missing, peft_lora,
+                          pinned, threads, trainable)
 from targets import faster, memory_at_most, ms, target  # noqa: E402
 
 BENCH = "steps"
@@ -99,53 +125,60 @@ CASE_NAMES = {
     "sft_lora": "SFT step, LoRA r=16",
     "dpo": "DPO step, full fine-tune",
     "dpo_lora": "DPO step, LoRA r=16",
+    "ppo_lora": "PPO iteration, LoRA r=16",
 }
 IMPLS = ("kernelrl", "eager", "trl")
+KEYS = {"sft": ("B", "T"), "dpo": ("P", "Tp", "Tr"), "ppo": ("B", "Tp", "Tr")}
 
-MODEL_FULL = {"H": 256, "I": 688, "L": 4, "V": 32000}
-MODEL_QUICK = {"H": 128, "I": 344, "L": 2, "V": 8000}
 SFT_FULL = {"B": 8, "T": 512, **MODEL_FULL}
 DPO_FULL = {"P": 8, "Tp": 256, "Tr": 256, **MODEL_FULL}
 SFT_QUICK = {"B": 2, "T": 128, **MODEL_QUICK}
 DPO_QUICK = {"P": 1, "Tp": 64, "Tr": 64, **MODEL_QUICK}
-THREADS = 2
-LORA_R, LORA_ALPHA = 16, 16.0
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LR, MAX_GRAD_NORM, BETA, SEED = 1e-4, 1.0, 0.1, 0
-TOTAL_STEPS = 1000               # the schedules' length: the lr stays ~1e-4 over a run
-PAD, EOS, FIRST_ID = 0, 1, 3     # token ids; data ids are drawn from [FIRST_ID, V)
-LOSS_ATOL, LOSS_RTOL, PARAM_TOL = 1e-4, 1e-5, 1e-3
+BETA = 0.1
 CPU_MEMORY_FRACTION, GPU_SPEEDUP, GPU_MEMORY_FRACTION = 0.5, 1.5, 0.5
+GPU_PPO_SPEEDUP = 2.0
 
 
 def plan(device: str, quick: bool) -> list:
-    """[(case_id, shape, dtype)]: the light default (one case, a DPO LoRA step: the one that
-    exercises the most of the loop; seconds) or the issue's shapes (--full), the same on a
-    GPU."""
-    if quick:
-        return [("dpo_lora", _shape("dpo_lora", device, quick), "fp32")]
-    return [(c, _shape(c, device, quick), "fp32") for c in ("sft", "dpo", "dpo_lora", "sft_lora")]
+    """[(case_id, shape, dtype)]: the light default (a DPO LoRA step, the one that exercises
+    the most of the loop, and a PPO LoRA iteration; seconds) or the issue's shapes (--full),
+    the same on a GPU."""
+    ids = ("dpo_lora", "ppo_lora") if quick else ("sft", "dpo", "dpo_lora", "sft_lora",
+                                                  "ppo_lora")
+    return [(c, _shape(c, device, quick), "fp32") for c in ids]
+
+
+def _base(case_id: str, quick: bool) -> dict:
+    kind = case_id.split("_")[0]
+    if kind == "ppo":
+        return steps_ppo.QUICK if quick else steps_ppo.FULL
+    if kind == "dpo":
+        return DPO_QUICK if quick else DPO_FULL
+    return SFT_QUICK if quick else SFT_FULL
 
 
 def _shape(case_id: str, device: str, quick: bool) -> dict:
-    dpo = case_id.startswith("dpo")
-    base = (DPO_QUICK if quick else DPO_FULL) if dpo else (SFT_QUICK if quick else SFT_FULL)
-    shape = dict(base, tok=_tokens(base))
+    base = _base(case_id, quick)
+    shape = dict(base, tok=_tokens(case_id, base))
     if not common.is_cuda(device):
-        shape["thr"] = min(THREADS, os.cpu_count() or 1)
+        shape["thr"] = threads()
     return shape
 
 
-def _tokens(shape: dict) -> int:
-    if "P" in shape:
+def _tokens(case_id: str, shape: dict) -> int:
+    if case_id.startswith("ppo"):
+        return steps_ppo.tokens(shape)
+    if case_id.startswith("dpo"):
         return 2 * shape["P"] * (shape["Tp"] + shape["Tr"])
     return shape["B"] * shape["T"]
 
 
 def _flops(case_id: str, shape: dict) -> float:
+    if case_id.startswith("ppo"):
+        return steps_ppo.flops(shape)
     H, I, L, V = (shape[k] for k in ("H", "I", "L", "V"))
     T = shape["Tp"] + shape["Tr"] if "P" in shape else shape["T"]
-    tokens = _tokens(shape)
+    tokens = _tokens(case_id, shape)
     linear = 2 * (L * (4 * H * H + 3 * H * I) + H * V) * tokens
     attention = 4 * L * T * H * tokens
     forward = linear + attention
@@ -154,51 +187,8 @@ def _flops(case_id: str, shape: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------------
-# The model, its trainable parameters, the data
+# The data (the model and its adapters: steps_common)
 # ----------------------------------------------------------------------------------------
-def _llama(shape: dict, device: str):
-    """The same LlamaForCausalLM every time: fp32, seeded."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    T = shape["Tp"] + shape["Tr"] if "P" in shape else shape["T"]
-    config = LlamaConfig(
-        vocab_size=shape["V"], hidden_size=shape["H"], intermediate_size=shape["I"],
-        num_hidden_layers=shape["L"], num_attention_heads=shape["H"] // 64,
-        num_key_value_heads=shape["H"] // 64, max_position_embeddings=max(T, 128),
-        tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=2, eos_token_id=EOS)
-    torch.manual_seed(SEED)
-    return LlamaForCausalLM(config).to(device=device, dtype=torch.float32)
-
-
-def _canonical(name: str) -> str:
-    """A parameter's name, the same under kernelrl's LoRA, PEFT and none: LoRA matrices as
-    '<module>.A' / '<module>.B'."""
-    name = name.removeprefix("base_model.model.")
-    name = re.sub(r"\.lora_([AB])\.default\.weight$", r".\1", name)    # PEFT
-    name = re.sub(r"\.lora\.([AB])\.default$", r".\1", name)           # kernelrl
-    return re.sub(r"\.(base_layer|base)\.", ".", name)
-
-
-def _trainable(model) -> list:
-    """The trainable parameters, sorted by canonical name: the order every row returns."""
-    named = sorted((_canonical(n), p) for n, p in model.named_parameters() if p.requires_grad)
-    return [p for _, p in named]
-
-
-def _init_adapters(model) -> None:
-    """Every LoRA A ~ U(±1/√H_in) from a generator seeded by its module's name, so that
-    kernelrl's LoRA and PEFT start from the same adapters (B is 0 in both)."""
-    import torch
-
-    for name, p in model.named_parameters():
-        if _canonical(name).endswith(".A"):
-            g = torch.Generator().manual_seed(zlib.crc32(_canonical(name).encode()))
-            bound = 1 / math.sqrt(p.shape[1])
-            with torch.no_grad():
-                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1).mul_(bound))
-
-
 def _ids(shape: dict, seed: int) -> list:
     """SFT: B rows of T ids; DPO: P (prompt, chosen, rejected), each response ending in EOS."""
     import torch
@@ -206,7 +196,7 @@ def _ids(shape: dict, seed: int) -> list:
     g = torch.Generator().manual_seed(7000 + seed)
 
     def draw(n):
-        return torch.randint(FIRST_ID, shape["V"], (n,), generator=g).tolist()
+        return draw_ids(g, n, shape["V"])
 
     if "P" not in shape:
         return [draw(shape["T"]) for _ in range(shape["B"])]
@@ -225,24 +215,6 @@ def _batch(shape: dict, seed: int, device: str):
     return collate_preferences(samples, PAD).to(device)
 
 
-def _pinned(step, device: str):
-    """On a CPU the step runs with THREADS intra-op threads (the issue's setting)."""
-    import torch
-
-    if common.is_cuda(device):
-        return step
-
-    def run(x):
-        before = torch.get_num_threads()
-        torch.set_num_threads(min(THREADS, os.cpu_count() or 1))
-        try:
-            return step(x)
-        finally:
-            torch.set_num_threads(before)
-
-    return run
-
-
 # ----------------------------------------------------------------------------------------
 # kernelrl: the trainers' calls
 # ----------------------------------------------------------------------------------------
@@ -254,11 +226,11 @@ def _kernelrl(case_id: str, shape: dict, device: str):
     from kernelrl.train.dpo import DPOConfig, dpo_step_loss, reference_logps
 
     lora = case_id.endswith("lora")
-    model = make_trainable(_llama(shape, device), lora_r=LORA_R if lora else 0,
+    model = make_trainable(llama(shape, device), lora_r=LORA_R if lora else 0,
                            lora_alpha=LORA_ALPHA, lora_targets=",".join(LORA_TARGETS))
     if lora:
-        _init_adapters(model)
-    params, out = trainable_parameters(model), _trainable(model)
+        init_adapters(model)
+    params, out = trainable_parameters(model), trainable(model)
     optimizer = build_optimizer(model, lr=LR)
     scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=TOTAL_STEPS)
 
@@ -279,11 +251,11 @@ def _kernelrl(case_id: str, shape: dict, device: str):
             loss.backward()
             return finish(loss, clip_gradients(params, MAX_GRAD_NORM))
 
-        return _pinned(sft_step, device)
+        return pinned(sft_step, device)
 
     cfg = DPOConfig(model="(in memory)", data="(in memory)", out="(unused)", beta=BETA, lr=LR,
                     max_grad_norm=MAX_GRAD_NORM, lora_r=LORA_R if lora else 0)
-    ref = None if lora else _llama(shape, device).eval().requires_grad_(False)
+    ref = None if lora else llama(shape, device).eval().requires_grad_(False)
 
     def dpo_step(x):
         batch = x["batch"]
@@ -292,19 +264,12 @@ def _kernelrl(case_id: str, shape: dict, device: str):
         loss.backward()
         return finish(loss, clip_gradients(params, cfg.max_grad_norm))
 
-    return _pinned(dpo_step, device)
+    return pinned(dpo_step, device)
 
 
 # ----------------------------------------------------------------------------------------
 # eager: plain torch + transformers (+ PEFT)
 # ----------------------------------------------------------------------------------------
-def _peft(model):
-    from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                            target_modules=list(LORA_TARGETS), bias="none",
-                                            task_type="CAUSAL_LM"))
-
-
 def eager_token_logps(model, input_ids, attention_mask, labels):
     """([B, T-1] log-probs of the next tokens, 0 where not scored; the scored mask), from
     the full logits."""
@@ -320,12 +285,12 @@ def _eager(case_id: str, shape: dict, device: str):
     import torch.nn.functional as F
 
     lora = case_id.endswith("lora")
-    model = _llama(shape, device)
+    model = llama(shape, device)
     if lora:
-        model = _peft(model)
-        _init_adapters(model)
+        model = peft_lora(model)
+        init_adapters(model)
     model.train()
-    out = _trainable(model)
+    out = trainable(model)
     optimizer = torch.optim.AdamW(out, lr=LR, weight_decay=0.0)
 
     def finish(loss):
@@ -341,9 +306,9 @@ def _eager(case_id: str, shape: dict, device: str):
             logp, mask = eager_token_logps(model, b.input_ids, b.attention_mask, b.labels)
             return finish(-logp.sum() / mask.sum())
 
-        return _pinned(sft_step, device)
+        return pinned(sft_step, device)
 
-    ref = None if lora else _llama(shape, device).eval().requires_grad_(False)
+    ref = None if lora else llama(shape, device).eval().requires_grad_(False)
 
     def dpo_step(x):
         b = x["batch"]
@@ -359,21 +324,12 @@ def _eager(case_id: str, shape: dict, device: str):
         margin = (logps[b.better] - ref_logps[b.better]) - (logps[b.worse] - ref_logps[b.worse])
         return finish(-F.logsigmoid(BETA * margin).mean())
 
-    return _pinned(dpo_step, device)
+    return pinned(dpo_step, device)
 
 
 # ----------------------------------------------------------------------------------------
 # trl: the trainer's own step
 # ----------------------------------------------------------------------------------------
-def _missing(*modules: str) -> str | None:
-    """Why a row cannot run here (a module not installed), or None."""
-    import importlib.util
-    absent = [m for m in modules if importlib.util.find_spec(m) is None]
-    if not absent:
-        return None
-    return f"not installed: {', '.join(absent)} (pip install {' '.join(absent)})"
-
-
 SPECIAL = {PAD: "<pad>", EOS: "</s>", 2: "<unk>"}
 
 
@@ -420,13 +376,8 @@ def _trl(case_id: str, shape: dict, device: str):
         **{checkpointing: False}, use_cpu=not common.is_cuda(device), report_to="none",
         logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         seed=SEED, dataloader_num_workers=0, max_length=None)
-    peft_config = None
-    if lora:
-        from peft import LoraConfig
-        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                 target_modules=list(LORA_TARGETS), bias="none",
-                                 task_type="CAUSAL_LM")
-    model = _llama(shape, device)
+    peft_config = steps_common.peft_config() if lora else None
+    model = llama(shape, device)
     if sft:
         from trl import SFTTrainer
         data = Dataset.from_dict({"input_ids": rows, "labels": [[-100] + r[1:] for r in rows]})
@@ -441,13 +392,13 @@ def _trl(case_id: str, shape: dict, device: str):
         data = Dataset.from_dict({"prompt": [words(p) for p, _, _ in rows],
                                   "chosen": [" " + words(c) for _, c, _ in rows],
                                   "rejected": [" " + words(r) for _, _, r in rows]})
-        ref = None if lora else _llama(shape, device).eval().requires_grad_(False)
+        ref = None if lora else llama(shape, device).eval().requires_grad_(False)
         trainer = DPOTrainer(model=model, ref_model=ref,
                              args=DPOConfig(**common_args, beta=BETA, loss_type=["sigmoid"]),
                              train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_config)
     if lora:
-        _init_adapters(trainer.model)
+        init_adapters(trainer.model)
     trainer.create_optimizer_and_scheduler(num_training_steps=TOTAL_STEPS)
     model, trainer.optimizer, trainer.lr_scheduler = trainer.accelerator.prepare(
         trainer.model, trainer.optimizer, trainer.lr_scheduler)
@@ -457,7 +408,7 @@ def _trl(case_id: str, shape: dict, device: str):
                                                    trainer.args.device)
     inputs = batches[0]
     _check_trl_batch(inputs, rows, sft)
-    out = _trainable(model)
+    out = trainable(model)
 
     def trl_step(x):
         loss = trainer.training_step(model, dict(inputs), num_items)
@@ -468,7 +419,7 @@ def _trl(case_id: str, shape: dict, device: str):
         return (loss.detach().reshape(1), *out)
 
     trl_step.workdir = workdir        # removed with the step function
-    return _pinned(trl_step, device)
+    return pinned(trl_step, device)
 
 
 def _check_trl_batch(inputs: dict, rows: list, sft: bool) -> None:
@@ -491,32 +442,14 @@ def _check(case_id: str, shape: dict, device: str):
 
     def start():
         if not initial:
-            model = _llama(shape, device)
-            if case_id.endswith("lora"):      # as eager builds it (B = 0, A as _init_adapters)
-                model = _peft(model)
-                _init_adapters(model)
-            initial.extend(p.detach().clone() for p in _trainable(model))
+            model = llama(shape, device)
+            if case_id.endswith("lora"):      # as eager builds it (B = 0, A as init_adapters)
+                model = peft_lora(model)
+                init_adapters(model)
+            initial.extend(p.detach().clone() for p in trainable(model))
         return initial
 
-    def check(ref, out):
-        if len(out) != len(ref):
-            return f"returned {len(out) - 1} parameters, eager {len(ref) - 1}"
-        loss, loss_ref = out[0].item(), ref[0].item()
-        if not abs(loss - loss_ref) <= LOSS_ATOL + LOSS_RTOL * abs(loss_ref):
-            return f"loss {loss:.7g} vs eager {loss_ref:.7g}"
-        for p, q in zip(out[1:], ref[1:]):
-            if p.shape != q.shape:
-                return f"parameter shapes differ: {tuple(p.shape)} vs {tuple(q.shape)}"
-        diff = math.sqrt(sum(float((p.double() - q.double()).pow(2).sum())
-                             for p, q in zip(out[1:], ref[1:])))
-        update = math.sqrt(sum(float((q.double() - p0.double()).pow(2).sum())
-                               for q, p0 in zip(ref[1:], start())))
-        if not (math.isfinite(diff) and diff <= PARAM_TOL * update):
-            return (f"parameters after one step differ from eager's by {diff:.3g} (L2), "
-                    f"more than {PARAM_TOL:g} x eager's update {update:.3g}")
-        return None
-
-    return check
+    return lambda ref, out: compare_step(out, ref, start)
 
 
 def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
@@ -525,9 +458,11 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
     if dtype != "fp32":
         raise ValueError(f"dtype: the steps benchmark runs fp32 only, got {dtype!r}")
     shape = dict(shape)
-    if case_id.startswith("dpo") != ("P" in shape):
-        raise ValueError(f"shape {shape}: {case_id} expects "
-                         f"{'P, Tp, Tr' if case_id.startswith('dpo') else 'B, T'}")
+    keys = KEYS[case_id.split("_")[0]]
+    if any(k not in shape for k in keys) or ("P" in shape) != ("P" in keys):
+        raise ValueError(f"shape {shape}: {case_id} expects {', '.join(keys)}")
+    if case_id.startswith("ppo"):
+        return steps_ppo.make_case(BENCH, case_id, CASE_NAMES[case_id], shape, dtype, device)
 
     def make_inputs(seed):
         return {"batch": _batch(shape, seed, device)}
@@ -535,9 +470,9 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
     impls = {
         "kernelrl": Impl(lambda: _kernelrl(case_id, shape, device)),
         "eager": Impl(lambda: _eager(case_id, shape, device),
-                      skip=_missing("peft") if case_id.endswith("lora") else None),
+                      skip=missing("peft") if case_id.endswith("lora") else None),
         "trl": Impl(lambda: _trl(case_id, shape, device),
-                    skip=_missing("trl", "datasets", "peft")),
+                    skip=missing("trl", "datasets", "peft")),
     }
     return Case(bench=BENCH, case_id=case_id, case=CASE_NAMES[case_id], shape=shape,
                 dtype=dtype, make_inputs=make_inputs, impls=impls, device=device,
@@ -548,8 +483,8 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
 # Targets
 # ----------------------------------------------------------------------------------------
 def _target_shape(case_id: str) -> dict:
-    base = DPO_FULL if case_id.startswith("dpo") else SFT_FULL
-    return dict(base, tok=_tokens(base))
+    base = _base(case_id, quick=False)
+    return dict(base, tok=_tokens(case_id, base))
 
 
 def _tokens_per_s(rows: list, case_id: str) -> str:
@@ -582,6 +517,10 @@ def targets(rep: dict) -> list:
         out.append(target(f"GPU DPO steps: kernelrl >= {GPU_SPEEDUP:g}x TRL's tokens/s at "
                           f"<= 1/2 of TRL's peak memory", "NOT CHECKED",
                           "a CPU run: GPU targets are only judged from a GPU run"))
+        out.append(target(f"GPU PPO iteration: kernelrl >= {GPU_PPO_SPEEDUP:g}x eager's "
+                          f"tokens/s at <= 1/2 of eager's peak memory", "NOT CHECKED",
+                          "a CPU run: GPU targets are only judged from a GPU run"
+                          + _tokens_per_s(rows, "ppo_lora")))
         return out
     for case_id in ("dpo", "dpo_lora"):
         case, shape = CASE_NAMES[case_id], _target_shape(case_id)
@@ -593,6 +532,15 @@ def targets(rep: dict) -> list:
         out.append(memory_at_most(rows, case, shape, "fp32", "trl",
                                   f"{at}: kernelrl peak memory <= 1/2 of TRL's",
                                   fraction=GPU_MEMORY_FRACTION))
+    case, shape = CASE_NAMES["ppo_lora"], _target_shape("ppo_lora")
+    at = f"GPU {case} (full shape)"
+    out.append(_with(faster(rows, case, shape, "fp32", "eager",
+                            f"{at}: kernelrl >= {GPU_PPO_SPEEDUP:g}x eager's tokens/s",
+                            cpu=False, or_equal=True, factor=GPU_PPO_SPEEDUP),
+                     _tokens_per_s(rows, "ppo_lora")))
+    out.append(memory_at_most(rows, case, shape, "fp32", "eager",
+                              f"{at}: kernelrl peak memory <= 1/2 of eager's",
+                              fraction=GPU_MEMORY_FRACTION))
     return out
 
 

@@ -1,7 +1,9 @@
 """Tests of benchmarks/bench_steps.py (the "steps" family: one SFT / DPO training step of
-kernelrl, eager torch and TRL): it is listed, its shapes, the light cases' kernelrl and eager
-steps agree (and the check catches steps that do not), TRL's step agrees where TRL is
-installed, and its targets on synthetic reports."""
+kernelrl, eager torch and TRL, and one PPO iteration of kernelrl and eager, steps_ppo.py):
+it is listed, its shapes, the light cases' kernelrl and eager steps agree (and the check
+catches steps that do not), the PPO check replays eager's update on the row's own rollout
+and catches an update that differs, TRL's step agrees where TRL is installed, and its
+targets on synthetic reports."""
 
 import importlib.util
 
@@ -26,8 +28,13 @@ def fam():
 
 
 def _light(fam, case_id):
-    """The case's light shape (the default run's size; the default plan runs dpo_lora)."""
+    """The case's light shape (the default run's size; the default plan runs dpo_lora and
+    ppo_lora)."""
     return fam._shape(case_id, "cpu", True)
+
+
+# A PPO iteration small enough for a test (seconds): 1 layer, 1 head, 2 prompts of 8 + 8.
+PPO_TINY = {"B": 2, "Tp": 8, "Tr": 8, "H": 64, "I": 172, "L": 1, "V": 512}
 
 
 def test_listed_with_cases_and_impls(run_script):
@@ -36,25 +43,28 @@ def test_listed_with_cases_and_impls(run_script):
     block = proc.stdout[proc.stdout.index("steps  (bench_steps.py)"):]
     for line in ("case sft: SFT step, full fine-tune", "case sft_lora: SFT step, LoRA r=16",
                  "case dpo: DPO step, full fine-tune", "case dpo_lora: DPO step, LoRA r=16",
-                 "impls: kernelrl, eager, trl"):
+                 "case ppo_lora: PPO iteration, LoRA r=16", "impls: kernelrl, eager, trl"):
         assert line in block, block
 
 
 def test_plan_shapes(fam):
-    assert [c for c, _, _ in fam.plan("cpu", True)] == ["dpo_lora"]   # the default run's one
-    light = [(c, fam._shape(c, "cpu", True)) for c in ("sft", "dpo_lora")]
+    assert [c for c, _, _ in fam.plan("cpu", True)] == ["dpo_lora", "ppo_lora"]   # default
+    light = [(c, fam._shape(c, "cpu", True)) for c in ("sft", "dpo_lora", "ppo_lora")]
     assert all(shape["V"] == 8000 and shape["L"] == 2 for _, shape in light)
     assert light[0][1]["B"] == 2 and light[0][1]["T"] == 128 and light[0][1]["tok"] == 256
     assert light[1][1]["tok"] == 256                       # 1 pair: 2 sequences of 64 + 64
+    assert {k: light[2][1][k] for k in ("B", "Tp", "Tr", "tok")} == {"B": 4, "Tp": 32,
+                                                                     "Tr": 32, "tok": 256}
     full = {c: shape for c, shape, _ in fam.plan("cpu", False)}
-    assert set(full) == {"sft", "sft_lora", "dpo", "dpo_lora"}
+    assert set(full) == {"sft", "sft_lora", "dpo", "dpo_lora", "ppo_lora"}
     for c, shape in full.items():
         assert {k: shape[k] for k in ("H", "I", "L", "V")} == {"H": 256, "I": 688, "L": 4,
                                                                 "V": 32000}
         assert shape["thr"] >= 1
-        assert shape["tok"] == (8192 if c.startswith("dpo") else 4096)
+        assert shape["tok"] == {"dpo": 8192, "ppo": 1024}.get(c[:3], 4096)
     assert full["sft"]["B"] == 8 and full["sft"]["T"] == 512
     assert (full["dpo"]["P"], full["dpo"]["Tp"], full["dpo"]["Tr"]) == (8, 256, 256)
+    assert (full["ppo_lora"]["B"], full["ppo_lora"]["Tp"], full["ppo_lora"]["Tr"]) == (8, 64, 64)
     assert "thr" not in fam.plan("cuda", False)[0][1]
     # the same useful flops for every row; LoRA skips the frozen weights' gradients
     assert fam._flops("sft_lora", full["sft"]) < fam._flops("sft", full["sft"])
@@ -63,6 +73,19 @@ def test_plan_shapes(fam):
         fam.make_case("ppo", full["sft"], "fp32", "cpu")
     with pytest.raises(ValueError, match="B, T"):
         fam.make_case("sft", full["dpo"], "fp32", "cpu")
+    with pytest.raises(ValueError, match="B, Tp, Tr"):
+        fam.make_case("ppo_lora", full["sft"], "fp32", "cpu")
+    with pytest.raises(ValueError, match="B, Tp, Tr"):
+        fam.make_case("ppo_lora", full["dpo"], "fp32", "cpu")
+    with pytest.raises(ValueError, match="B, T"):
+        fam.make_case("sft", full["ppo_lora"], "fp32", "cpu")
+    # a PPO iteration (generation, six more forwards, two backwards) is more than twice a
+    # LoRA SFT step over as many tokens
+    same_tokens = dict(full["sft"], B=8, T=128)
+    assert fam._flops("ppo_lora", full["ppo_lora"]) > 2 * fam._flops("sft_lora", same_tokens)
+    # no TRL row: trl has no PPOTrainer
+    assert set(fam.make_case("ppo_lora", full["ppo_lora"], "fp32", "cpu").impls) == \
+        {"kernelrl", "eager"}
 
 
 @pytest.mark.parametrize("case_id", ["sft", "dpo_lora"])
@@ -99,6 +122,67 @@ def test_check_passes_one_step_and_catches_two(fam, case_id):
     assert problem and "parameters after one step differ" in problem, problem
 
 
+def test_ppo_case_checked_and_timed(fam):
+    # run.py's path for the PPO case at a tiny shape: the check (eager's update replayed on
+    # kernelrl's rollout) passes, then both rows are timed.
+    shape = dict(PPO_TINY, tok=32, thr=2)
+    case = fam.make_case("ppo_lora", shape, "fp32", "cpu")
+    rows = {r["impl"]: r for r in common.run_case(case, reps=1, measure_memory=False)}
+    assert set(rows) == {"kernelrl", "eager"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["tflops"] > 0
+
+
+@pytest.fixture(scope="module")
+def ppo_case(fam):
+    """The tiny PPO case, its inputs and eager's own iteration (ref)."""
+    case = fam.make_case("ppo_lora", dict(PPO_TINY), "fp32", "cpu")
+    x = case.make_inputs(0)
+    ref = tuple(t.detach() for t in case.impls["eager"].build()(x))
+    return case, x, ref
+
+
+def _detached(out):
+    return tuple(t.detach() for t in out)
+
+
+def test_ppo_check_replays_eager_on_the_rows_rollout(fam, ppo_case):
+    case, x, ref = ppo_case
+    seq = ref[-1]
+    B, Tp, Tr = PPO_TINY["B"], PPO_TINY["Tp"], PPO_TINY["Tr"]
+    assert tuple(seq.shape) == (B, Tp + Tr)
+    assert seq[:, :Tp].tolist() == x["prompts"].tolist()
+    step = case.impls["kernelrl"].build()
+    once = _detached(step(x))
+    assert len(once) == len(ref) and tuple(once[-1].shape) == (B, Tp + Tr)
+    assert case.check(ref, once) is None
+    problem = case.check(ref, (once[0] + 0.01, *once[1:]))
+    assert problem and problem.startswith("loss"), problem
+    # the update is judged on the row's own rollout: other response tokens, another update
+    other = once[-1].clone()
+    other[:, Tp:] = (other[:, Tp:] + 1) % PPO_TINY["V"]
+    problem = case.check(ref, (*once[:-1], other))
+    assert problem and ("loss" in problem or "parameters" in problem), problem
+    problem = case.check(ref, (*once[:-1], once[-1][:, :Tp + 1]))
+    assert problem and "rollout" in problem, problem
+    twice = _detached(step(x))           # the same live parameters, now two iterations on
+    problem = case.check(ref, (once[0], *twice[1:-1], once[-1]))
+    assert problem and "parameters after one step differ" in problem, problem
+
+
+def test_ppo_check_catches_another_kl_coefficient(fam, ppo_case, monkeypatch):
+    # the adapters start with B != 0, so the KL penalty is live at the first iteration: a
+    # kernelrl update with another beta moves the parameters elsewhere than eager's replay
+    case, x, ref = ppo_case
+    monkeypatch.setattr(fam.steps_ppo, "KL_COEF", 5 * fam.steps_ppo.KL_COEF)
+    step = case.impls["kernelrl"].build()            # its PPOConfig takes beta now
+    monkeypatch.undo()
+    out = _detached(step(x))
+    problem = case.check(ref, out)
+    assert problem and ("loss" in problem or "parameters" in problem), problem
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
 @pytest.mark.parametrize("case_id", ["sft", "dpo_lora"])
 def test_trl_step_agrees_with_eager(fam, case_id):
@@ -131,6 +215,9 @@ def test_cpu_targets_on_a_synthetic_report(fam):
         _row(fam, "dpo_lora", "kernelrl", 6000.0, 1000 * MiB),
         _row(fam, "dpo_lora", "eager", 6000.0, None),
         # SFT LoRA: not run (a subset) -> NOT CHECKED
+        # PPO: no CPU target; its tokens/s is printed on the GPU target's line
+        _row(fam, "ppo_lora", "kernelrl", 4000.0, 300 * MiB),
+        _row(fam, "ppo_lora", "eager", 8000.0, 700 * MiB),
     ]
     rep = report.build_report(ENV, CEILINGS, rows)
     got = {t["target"]: t for t in fam.targets(rep)}
@@ -152,9 +239,14 @@ def test_cpu_targets_on_a_synthetic_report(fam):
     # 4096 tokens in 2 s, 3 s and 6 s
     assert "tokens/s: kernelrl 2,048, eager 1,365, trl 683" in detail, detail
     assert "1/2" in got[find("sft", "memory")]["target"]
-    [gpu] = [t for k, t in got.items() if k.startswith("GPU")]
-    assert gpu["status"] == "NOT CHECKED" and "CPU run" in gpu["detail"]
-    assert len(got) == 9
+    gpu = [t for k, t in got.items() if k.startswith("GPU")]
+    assert len(gpu) == 2
+    assert all(t["status"] == "NOT CHECKED" and "CPU run" in t["detail"] for t in gpu)
+    [ppo] = [t for t in gpu if "PPO" in t["target"]]
+    assert "2x eager's tokens/s" in ppo["target"], ppo
+    # 1024 tokens in 4 s and 8 s
+    assert "tokens/s: kernelrl 256, eager 128" in ppo["detail"], ppo
+    assert len(got) == 10
 
 
 def test_gpu_targets_on_a_synthetic_report(fam):
@@ -162,14 +254,19 @@ def test_gpu_targets_on_a_synthetic_report(fam):
     rows = [_row(fam, "dpo", "kernelrl", 100.0, 1000 * MiB),
             _row(fam, "dpo", "trl", 160.0, 2500 * MiB),
             _row(fam, "dpo_lora", "kernelrl", 100.0, 1000 * MiB),
-            _row(fam, "dpo_lora", "trl", 140.0, 1500 * MiB)]
+            _row(fam, "dpo_lora", "trl", 140.0, 1500 * MiB),
+            _row(fam, "ppo_lora", "kernelrl", 100.0, 1000 * MiB),
+            _row(fam, "ppo_lora", "eager", 250.0, 1800 * MiB)]
     for r in rows:
         r["shape"].pop("thr")
     rep = report.build_report(dict(ENV, device_kind="cuda"), CEILINGS, rows)
     got = {t["target"]: t["status"] for t in fam.targets(rep)}
-    assert len(got) == 4 and not any(k.startswith("CPU") for k in got)
+    assert len(got) == 6 and not any(k.startswith("CPU") for k in got)
     full, lora = fam.CASE_NAMES["dpo"], fam.CASE_NAMES["dpo_lora"]
     assert got[f"GPU {full} (full shape): kernelrl >= 1.5x TRL's tokens/s"] == "MET"
     assert got[f"GPU {full} (full shape): kernelrl peak memory <= 1/2 of TRL's"] == "MET"
     assert got[f"GPU {lora} (full shape): kernelrl >= 1.5x TRL's tokens/s"] == "NOT MET"
     assert got[f"GPU {lora} (full shape): kernelrl peak memory <= 1/2 of TRL's"] == "NOT MET"
+    ppo = fam.CASE_NAMES["ppo_lora"]
+    assert got[f"GPU {ppo} (full shape): kernelrl >= 2x eager's tokens/s"] == "MET"
+    assert got[f"GPU {ppo} (full shape): kernelrl peak memory <= 1/2 of eager's"] == "NOT MET"
