@@ -8,10 +8,12 @@ from kernelrl.models.lora import (DEFAULT_TARGET_MODULES, active_adapter, adapte
                                   lora_modules, merge_lora, parameter_counts,
                                   register_lora_wrapper, save_adapter, set_adapter,
                                   trainable_parameters, use_adapter)
+from kernelrl.models.qlora import nf4_modules, quantize_model
 from kernelrl.models.reward import RewardModel
 
 __all__ = ["DEFAULT_TARGET_MODULES", "RewardModel", "active_adapter", "adapter_names",
            "apply_lora", "check_supported", "delete_adapter", "disable_adapters",
            "load_adapter", "load_model", "load_tokenizer", "lora_modules", "merge_lora",
+           "nf4_modules", "quantize_model",
            "parameter_counts", "register_lora_wrapper", "save_adapter", "sequence_logprobs",
            "set_adapter", "token_logprobs", "trainable_parameters", "use_adapter"]

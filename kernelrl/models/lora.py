@@ -207,9 +207,11 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None, *,
             raise ValueError(f"adapter_name: merging {name!r} would change the base of "
                              f"{mod_name} under the other adapters {others}; delete them "
                              "first (delete_adapter) or merge a copy of the model")
-    for _, m in mods:
+    for mod_name, m in mods:
         if name in m.lora:
-            m.merge(name)
+            merged = m.merge(name)       # NF4 layers return a new 16-bit nn.Linear
+            if isinstance(merged, nn.Module):
+                _replace(model, mod_name, merged)
     if unload:
         for mod_name, m in mods:
             if not m.lora.names:

@@ -1,5 +1,6 @@
 """Thin nn.Modules over kernelrl.ops."""
 
-from kernelrl.nn.lora import LoRAAdapters, LoRALinear
+from kernelrl.nn.lora import AdapterHost, LoRAAdapters, LoRALinear
+from kernelrl.nn.nf4_lora import NF4Linear, NF4LoRALinear
 
-__all__ = ["LoRAAdapters", "LoRALinear"]
+__all__ = ["AdapterHost", "LoRAAdapters", "LoRALinear", "NF4Linear", "NF4LoRALinear"]

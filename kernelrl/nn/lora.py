@@ -40,6 +40,7 @@ active one, so only it gets gradients).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import Iterator
 
@@ -186,6 +187,16 @@ class LoRAAdapters(nn.Module):
         finally:
             self.enabled = saved
 
+    @contextlib.contextmanager
+    def enable(self) -> Iterator[None]:
+        """Context manager: adapters applied inside (the active one); restored on exit."""
+        saved = self.enabled
+        self.enabled = True
+        try:
+            yield
+        finally:
+            self.enabled = saved
+
     @property
     def is_applied(self) -> bool:
         """True when a forward adds an adapter term."""
@@ -225,7 +236,53 @@ class LoRAAdapters(nn.Module):
                 "".join(f"\n{p}" for p in parts))
 
 
-class LoRALinear(nn.Module):
+class AdapterHost:
+    """The adapter methods of a layer that holds a ``LoRAAdapters`` as ``.lora`` over some
+    frozen ``.base`` (``LoRALinear`` over an ``nn.Linear``, ``NF4LoRALinear`` over NF4): one
+    adapter implementation, whatever the base. New adapters go on the base's device."""
+
+    lora: LoRAAdapters
+    base: nn.Module
+
+    def _adapter_device(self) -> torch.device:
+        for t in itertools.chain(self.base.parameters(), self.base.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.lora.active
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.lora.names
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, *,
+                    use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        """Add a named adapter on the base's device; does not change the active adapter."""
+        self.lora.add(name, r, alpha, dropout, use_rslora=use_rslora, dtype=dtype,
+                      device=self._adapter_device())
+
+    def delete_adapter(self, name: str) -> None:
+        self.lora.remove(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        self.lora.set_active(name)
+
+    def use_adapter(self, name: str):
+        """Context manager: adapter ``name`` active inside, previous state restored on exit."""
+        return self.lora.use(name)
+
+    def disable_adapter(self):
+        """Context manager: base only inside, previous state restored on exit."""
+        return self.lora.disable()
+
+    def enable_adapter(self):
+        """Context manager: the active adapter applied inside, previous state restored."""
+        return self.lora.enable()
+
+
+class LoRALinear(AdapterHost, nn.Module):
     """A frozen ``nn.Linear`` (``.base``) plus named LoRA adapters (``.lora``).
 
     ``LoRALinear(base, r=16, alpha=16)`` wraps ``base`` and adds one adapter named
@@ -272,34 +329,6 @@ class LoRALinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
-
-    @property
-    def active_adapter(self) -> str | None:
-        return self.lora.active
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return self.lora.names
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, *,
-                    use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
-        """Add a named adapter on the base's device; does not change the active adapter."""
-        self.lora.add(name, r, alpha, dropout, use_rslora=use_rslora, dtype=dtype,
-                      device=self.base.weight.device)
-
-    def delete_adapter(self, name: str) -> None:
-        self.lora.remove(name)
-
-    def set_adapter(self, name: str | None) -> None:
-        self.lora.set_active(name)
-
-    def use_adapter(self, name: str):
-        """Context manager: adapter ``name`` active inside, previous state restored on exit."""
-        return self.lora.use(name)
-
-    def disable_adapter(self):
-        """Context manager: base only inside, previous state restored on exit."""
-        return self.lora.disable()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

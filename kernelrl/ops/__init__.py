@@ -14,6 +14,8 @@ from kernelrl.ops.group_advantages import group_advantages
 from kernelrl.ops.preference import dpo_loss, reward_loss
 from kernelrl.ops.advantages import Advantages, kl_penalized_advantages
 from kernelrl.ops.ppo_loss import ppo_loss
+from kernelrl.ops.nf4 import NF4Weight, nf4_dequantize, nf4_linear, nf4_quantize
 
 __all__ = ["token_logprobs", "linear_logprobs", "group_advantages", "dpo_loss", "reward_loss",
-           "kl_penalized_advantages", "Advantages", "ppo_loss"]
+           "kl_penalized_advantages", "Advantages", "ppo_loss",
+           "NF4Weight", "nf4_quantize", "nf4_dequantize", "nf4_linear"]

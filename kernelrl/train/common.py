@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from kernelrl.models.hf import load_model, load_tokenizer, local_folder, resolve_dtype
+from kernelrl.models.qlora import nf4_modules, quantize_model
 from kernelrl.models.lora import (ALL_LINEAR, DEFAULT_TARGET_MODULES, apply_lora, lora_modules,
                                   parameter_counts, save_adapter)
 from kernelrl.train.batching import BatchLoader
@@ -196,7 +197,7 @@ def setup_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float3
                 lora_targets: str = ",".join(DEFAULT_TARGET_MODULES),
                 gradient_checkpointing: bool = False,
                 attn_implementation: str | None = None,
-                adapter_name: str = "default") -> nn.Module:
+                adapter_name: str = "default", qlora: bool = False) -> nn.Module:
     """The causal LM a trainer trains: loaded from ``source`` (a local model folder,
     config.json + safetensors; never the Hub) in ``dtype`` on ``device``, then
     ``make_trainable`` (LoRA adapter ``adapter_name`` when ``lora_r`` > 0). Raises
@@ -208,25 +209,27 @@ def setup_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float3
     return make_trainable(model, lora_r=lora_r, lora_alpha=lora_alpha,
                           lora_dropout=lora_dropout, lora_targets=lora_targets,
                           gradient_checkpointing=gradient_checkpointing,
-                          adapter_name=adapter_name)
+                          adapter_name=adapter_name, qlora=qlora)
 
 
 def setup_model_from_config(cfg: TrainConfig, device: torch.device | str, *,
                             adapter_name: str = "default") -> nn.Module:
     """``setup_model`` with the settings of ``cfg``: ``--model``, ``--dtype``, the
-    ``--lora-*`` settings, ``--gradient-checkpointing`` and ``--attn-implementation``."""
+    ``--lora-*`` settings, ``--qlora``, ``--gradient-checkpointing`` and
+    ``--attn-implementation``."""
     return setup_model(cfg.model, dtype=cfg.dtype, device=device, lora_r=cfg.lora_r,
                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                        lora_targets=cfg.lora_targets,
                        gradient_checkpointing=cfg.gradient_checkpointing,
-                       attn_implementation=cfg.attn_implementation, adapter_name=adapter_name)
+                       attn_implementation=cfg.attn_implementation, adapter_name=adapter_name,
+                       qlora=cfg.qlora)
 
 
 def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.0,
                    lora_dropout: float = 0.0,
                    lora_targets: str = ",".join(DEFAULT_TARGET_MODULES),
                    gradient_checkpointing: bool = False,
-                   adapter_name: str = "default") -> nn.Module:
+                   adapter_name: str = "default", qlora: bool = False) -> nn.Module:
     """Choose what trains, in place, and put ``model`` in train mode; returns it.
 
     lora_r: 0 leaves every parameter trainable (full fine-tuning); R > 0 freezes the whole
@@ -236,13 +239,21 @@ def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.
     ``policy`` and ``value``): every adapter's weights then train, and the active adapter
     stays the first one (``kernelrl.models.lora.use_adapter`` switches). A module that
     must train beside the adapters (a reward head) is set ``requires_grad_(True)`` by the
-    caller afterwards. gradient_checkpointing: the outermost Hugging Face model inside
+    caller afterwards. qlora: first quantize the ``lora_targets`` linears to 4-bit NF4
+    (``kernelrl.models.quantize_model``; once: a second adapter goes on the same 4-bit
+    base), so the adapters train over a frozen NF4 base. gradient_checkpointing: the outermost Hugging Face model inside
     ``model`` recomputes each layer's activations in the backward instead of keeping them
     (non-reentrant, so frozen inputs are fine), trading compute for memory.
     """
     if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 0:
         raise ValueError(f"--lora-r: expected an int >= 0 (0 = full fine-tuning), got "
                          f"{lora_r!r}")
+    if qlora:
+        if lora_r <= 0:
+            raise ValueError("--qlora: needs --lora-r > 0 (adapters over the 4-bit base)")
+        if not nf4_modules(model):
+            quantize_model(model, r=0, target_modules=parse_targets(lora_targets),
+                           progress=True)
     if lora_r > 0:
         apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                    target_modules=parse_targets(lora_targets), adapter_name=adapter_name)
@@ -273,6 +284,8 @@ def describe_model(model: nn.Module) -> str:
     """One line for the log: the trainable and total parameter counts and the method."""
     trainable, total = parameter_counts(model)
     method = f"LoRA on {len(lora_modules(model))} layers" if lora_modules(model) else "full"
+    if nf4_modules(model):
+        method = f"QLoRA: {method} over {len(nf4_modules(model))} NF4 layers"
     return (f"model: {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.2f}%, {method})")
 

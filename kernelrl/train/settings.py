@@ -117,6 +117,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_targets: str = field(default=",".join(DEFAULT_TARGET_MODULES), metadata={
         "help": "comma-separated module names that get adapters, or all-linear"})
+    qlora: bool = field(default=False, metadata={
+        "help": "QLoRA: quantize the --lora-targets linears of the base to 4-bit NF4 at "
+                "load and train LoRA adapters over them (needs --lora-r > 0)"})
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={
         "help": "dtype of the model weights"})
     autocast: Literal["none", "bfloat16"] = field(default="none", metadata={
@@ -240,6 +243,9 @@ def validate_common(cfg: TrainConfig) -> None:
                          f"{cfg.warmup_ratio}: give one or the other")
     if cfg.eval_data is not None and cfg.eval_fraction:
         raise ValueError("--eval-data and --eval-fraction: give one or the other")
+    if cfg.qlora and not cfg.lora_r:
+        raise ValueError("--qlora: needs LoRA adapters to train over the 4-bit base; give "
+                         "--lora-r > 0 (e.g. --lora-r 16)")
     if cfg.eval_every and cfg.eval_data is None and not cfg.eval_fraction:
         raise ValueError(f"--eval-every {cfg.eval_every}: there is no held-out data to "
                          f"evaluate on; give --eval-data or --eval-fraction")

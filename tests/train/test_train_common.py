@@ -531,6 +531,7 @@ SHARED_BAD_SETTINGS = (
     (("--eval-every", 5), "--eval-every 5: there is no held-out data to evaluate on; give "
                           "--eval-data or --eval-fraction"),
     (("--warmup-steps", 2, "--warmup-ratio", 0.1), "give one or the other"),
+    (("--qlora",), "--qlora: needs LoRA adapters to train over the 4-bit base"),
 )
 
 
@@ -594,3 +595,19 @@ def test_nan_loss_stops_with_the_step_named(name, model_dir, tmp_path, monkeypat
     assert max(r["step"] for r in read_metrics(out)) == 2
     with pytest.raises(NonFiniteLossError, match="step 3"):
         trainer.module.train(config_from_args(trainer.config, [*args, "--resume", "latest"]))
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_qlora_trains_adapters_over_a_4bit_base(name, model_dir, tmp_path, capsys):
+    """--qlora --lora-r 4: the targeted linears are NF4 during the run (the model line says
+    so), only adapters train, and the run ends with a PEFT adapter folder."""
+    trainer = TRAINERS[name]
+    data = write_jsonl(tmp_path / "train.jsonl", trainer.rows)
+    out = tmp_path / "run"
+    args = cli_args(model_dir, data, out, "--max-steps", 2, "--lora-r", 4, "--qlora",
+                    *trainer.run_flags, device="cpu", **trainer.settings)
+    assert trainer.module.main(args) == 0
+    logged = "".join(capsys.readouterr())
+    assert "QLoRA: LoRA on" in logged and "NF4 layers" in logged
+    assert (out / common.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert read_metrics(out)[-1]["step"] == 2
