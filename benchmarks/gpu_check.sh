@@ -7,7 +7,8 @@
 #      writes the user's tuned file, so the benchmarks' plain "kernelrl" row below is what
 #      dispatch picks after `kernelrl tune` (kernelrl[native], kernelrl[triton] and
 #      kernelrl[torch] are each backend forced);
-#   4. run every benchmark family at the target shapes, in two passes so that the fast one
+#   4. run every benchmark family (advantages, logprobs, nf4, ppo_loss, steps: every
+#      benchmarks/bench_<family>.py) at the target shapes, in two passes so that the fast one
 #      comes back first: every implementation but torch.compile, then torch.compile (whose
 #      first compile of a long unrolled loop can take minutes); merged into one JSON,
 #      benchmarks/results/<gpu-name-slug>-<YYYY-MM-DD>.json;
@@ -21,7 +22,8 @@
 # BENCH_ARGS="--cases token" (extra arguments for run.py), PYTEST_ARGS="-m gpu -n 8" (extra
 # pytest arguments), and time limits in seconds per stage: INSTALL_TIMEOUT (300),
 # TESTS_TIMEOUT (1200), TUNE_TIMEOUT (600), BENCH_TIMEOUT (900, each pass). Wheels placed in
-# .whl/ (for example liger-kernel, to compare against Liger) are installed offline first.
+# .whl/ (for example liger-kernel, to compare against Liger; bitsandbytes and peft for the
+# nf4 family's bnb, bnb_linear4bit and bnb_peft rows) are installed offline first.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -122,8 +124,9 @@ bench_pass() {  # bench_pass NAME JSON IMPLS [FAMILY...]: one run.py --full pass
 }
 
 parts=()
-if bench_pass kernels "$WORK/bench-kernels.json" \
-    "kernelrl,kernelrl[native],kernelrl[triton],kernelrl[torch],eager,torch_chunked,liger"; then
+KERNEL_IMPLS="kernelrl,kernelrl[native],kernelrl[triton],kernelrl[torch],eager,torch_chunked,liger"
+KERNEL_IMPLS+=",dense,bnb,bnb_linear4bit,bnb_peft"   # the nf4 family's peers
+if bench_pass kernels "$WORK/bench-kernels.json" "$KERNEL_IMPLS"; then
   parts+=("$WORK/bench-kernels.json")
   cp "$WORK/bench-kernels.json" "$RESULT"; save "$RESULT"
 else

@@ -429,6 +429,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     with open(folder / CONFIG_NAME, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+    from kernelrl.models.qlora import write_nf4_record      # (qlora imports this module)
+    write_nf4_record(model, folder)
     return folder
 
 
@@ -491,6 +493,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     """Load a PEFT LoRA folder (written by PEFT or by save_adapter) into ``model`` as adapter
     ``adapter_name``, wrapping the config's target modules where they are not LoRA layers yet.
 
+    An adapter trained over 4-bit NF4 layers (its folder has ``kernelrl_nf4.json``) gets
+    those layers of ``model`` quantized the same way, after the checks and before the
+    adapter goes in (``kernelrl.models.qlora``).
     Every key and shape is checked before the model is touched; a missing, unexpected or
     mis-shaped tensor raises ValueError naming the file and the key. The adapter is stored in
     ``dtype`` (float32 by default) and is trainable unless ``trainable=False``. Like
@@ -545,6 +550,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
                                  f"{t.dtype} {tuple(t.shape)}")
         plan.append((name, m, r, alpha))
 
+    from kernelrl.models.qlora import apply_nf4_record      # (qlora imports this module)
+    if apply_nf4_record(model, folder):                     # the planned layers are now NF4
+        plan = [(name, model.get_submodule(name), r, alpha) for name, _, r, alpha in plan]
     installed = _install(model, plan, adapter_name, dropout, bool(cfg.get("use_rslora")),
                          dtype, trainable)
     with torch.no_grad():

@@ -7,11 +7,20 @@ as its layer is quantized (no second copy of the model, nor of any one weight be
 layer being quantized). The adapters are then added by ``apply_lora`` (NF4Linear is
 registered with it as a LoRA base), so adapter names, switching, PEFT adapter files and the
 trainers' four-roles-on-one-base setups work the same over a 4-bit base.
+
+An adapter trained over NF4 layers is only right over the same 4-bit weights, so
+``save_adapter`` also writes ``kernelrl_nf4.json`` (which layers were NF4, block size, double
+quantization) into the PEFT folder, and ``load_adapter`` quantizes those layers of a
+full-precision model the same way before loading it (quantization is deterministic: the
+same 4-bit base comes back). PEFT ignores the file.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -22,6 +31,9 @@ from kernelrl.models.lora import (DEFAULT_TARGET_MODULES, _is_lora, _replace, _r
 from kernelrl.nn.nf4_lora import NF4Linear, NF4LoRALinear
 
 register_lora_wrapper(NF4Linear, NF4LoRALinear)
+
+#: The record of an adapter's NF4 base, next to adapter_config.json.
+NF4_RECORD = "kernelrl_nf4.json"
 
 
 def nf4_modules(model: nn.Module) -> list[tuple[str, NF4Linear]]:
@@ -49,12 +61,23 @@ def quantize_model(model: nn.Module, r: int = 16, alpha: float = 16, dropout: fl
         if _is_lora(m):
             raise ValueError(f"{name} already has LoRA adapters ({', '.join(m.lora.names)}): "
                              "quantize_model before apply_lora, not after")
-    todo = [(n, m) for n, m in targets if isinstance(m, nn.Linear)]
+    _quantize_layers(model, [(n, m) for n, m in targets if isinstance(m, nn.Linear)],
+                     blocksize, double_quant, progress)
+    if r:
+        apply_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                   adapter_name=adapter_name, dtype=dtype)
+    else:
+        model.requires_grad_(False)
+    return model
+
+
+def _quantize_layers(model: nn.Module, layers: list[tuple[str, nn.Linear]], blocksize: int,
+                     double_quant: bool, progress: bool) -> None:
     bar = None
-    if progress and todo:
+    if progress and layers:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo), unit="layer", desc="nf4", file=sys.stderr, leave=False)
-    for name, m in todo:
+        bar = tqdm(total=len(layers), unit="layer", desc="nf4", file=sys.stderr, leave=False)
+    for name, m in layers:
         _replace(model, name, NF4Linear.from_linear(m, blocksize=blocksize,
                                                     double_quant=double_quant))
         m.weight = None              # the full-precision weight goes now, not at the end
@@ -62,9 +85,51 @@ def quantize_model(model: nn.Module, r: int = 16, alpha: float = 16, dropout: fl
             bar.update()
     if bar is not None:
         bar.close()
-    if r:
-        apply_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
-                   adapter_name=adapter_name, dtype=dtype)
-    else:
-        model.requires_grad_(False)
-    return model
+
+
+def write_nf4_record(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Write ``kernelrl_nf4.json`` into an adapter folder when ``model`` has NF4 layers
+    (their names, block size and double quantization); remove a stale one otherwise."""
+    path = Path(folder) / NF4_RECORD
+    mods = nf4_modules(model)
+    if not mods:
+        path.unlink(missing_ok=True)
+        return
+    names = [n.removesuffix(".base") for n, _ in mods]
+    metas = {(m.qweight.blocksize, m.qweight.double_quant) for _, m in mods}
+    if len(metas) > 1:
+        raise ValueError(f"save_adapter: the NF4 layers mix block sizes / double "
+                         f"quantization {sorted(metas)}; the record stores one setting")
+    blocksize, double_quant = metas.pop()
+    path.write_text(json.dumps({"modules": names, "blocksize": blocksize,
+                                "double_quant": double_quant}, indent=2) + "\n")
+
+
+def apply_nf4_record(model: nn.Module, folder: str | os.PathLike) -> bool:
+    """Before an adapter is loaded from ``folder``: if it was trained over NF4 layers
+    (``kernelrl_nf4.json``) and ``model`` has none, quantize those layers as recorded and
+    return True. A model that already has NF4 layers is taken as it is."""
+    path = Path(folder) / NF4_RECORD
+    if not path.is_file() or nf4_modules(model):
+        return False
+    try:
+        record = json.loads(path.read_text())
+        names, blocksize = list(record["modules"]), int(record["blocksize"])
+        double_quant = bool(record["double_quant"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a valid NF4 record ({exc})") from None
+    layers = []
+    for name in names:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: the model has no layer {name!r} to quantize") from None
+        m = m.base if _is_lora(m) else m
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"{path}: {name!r} is a {type(m).__name__}, not nn.Linear")
+        layers.append((name, m))
+    if any(_is_lora(model.get_submodule(n)) for n in names):
+        raise ValueError(f"{path}: the model already has LoRA layers over full-precision "
+                         f"weights; load this 4-bit adapter into a model without adapters")
+    _quantize_layers(model, layers, blocksize, double_quant, progress=False)
+    return True

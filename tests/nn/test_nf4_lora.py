@@ -191,3 +191,27 @@ def test_quantize_model_errors_and_quantize_only():
     plain = _llama()
     apply_lora(plain, r=2, alpha=2)
     assert all(type(m) is LoRALinear for _, m in lora_modules(plain))   # 16-bit stays 16-bit
+
+
+def test_a_4bit_adapter_reloads_over_the_same_4bit_base(tmp_path):
+    """save_adapter records the NF4 layers; load_adapter into a full-precision copy of the
+    base quantizes them the same way, so the outputs are identical."""
+    from kernelrl.models import load_adapter
+    model = quantize_model(_llama(), r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    for _, m in lora_modules(model):
+        with torch.no_grad():
+            m.lora.B["default"].normal_(std=0.05)
+    folder = save_adapter(model, tmp_path / "adapter")
+    assert (folder / "kernelrl_nf4.json").is_file()
+    fresh = load_adapter(_llama(), folder, trainable=False)
+    assert sorted(n for n, _ in nf4_modules(fresh)) == sorted(n for n, _ in nf4_modules(model))
+    ids = torch.randint(0, 64, (2, 9))
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+    plain = _llama()
+    apply_lora(plain, r=4, alpha=8)
+    save_adapter(plain, folder)                              # a 16-bit adapter: record gone
+    assert not (folder / "kernelrl_nf4.json").exists()
+    (folder / "kernelrl_nf4.json").write_text('{"modules": ["model.nope"], "blocksize": 64, '
+                                              '"double_quant": true}')
+    with pytest.raises(ValueError, match="no layer 'model.nope'"):
+        load_adapter(_llama(), folder)

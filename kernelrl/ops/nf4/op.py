@@ -55,9 +55,12 @@ _KERNELS = {
 # quantize / dequantize
 # ---------------------------------------------------------------------------------------
 def _use_native(device: torch.device) -> bool:
-    if device.type != "cpu" or _backend.forced_backend() in ("torch", "triton"):
+    """Whether quantize/dequantize run the C++ kernels: on CPU, where they are built, unless
+    another backend is forced (``KERNELRL_BACKEND`` or ``backend.force``)."""
+    forced = _backend._forced_now()[0]
+    if device.type != "cpu" or forced in ("torch", "triton"):
         return False
-    if _backend.forced_backend() == "native":
+    if forced == "native":
         _backend.native_module()          # raises saying why it cannot run
         return True
     try:
