@@ -8,6 +8,8 @@ What is checked and why:
     values that hold by definition (SFT's win rate 0.5 and KL 0, best-of-N's KL bound);
   * the demo's claim: PPO and DPO beat SFT on the gold score by at least MARGINS["small"];
   * --algos sft,rm,grpo runs GRPO instead of PPO/DPO (and it improves on SFT);
+  * --qlora: the stages after SFT train adapters over the 4-bit SFT model, and PPO and DPO
+    still beat SFT by QLORA_MARGINS["small"];
   * the errors: unknown, duplicated or impossible --algos (exit 2, message naming the
     stage and what it needs), a --out holding a previous demo (exit 1 unless
     --overwrite, which replaces it), a --out holding anything else;
@@ -30,7 +32,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from kernelrl.demo.pipeline import (BEST_OF, MARGINS, MARKER, DemoError, main, parse_algos,
+from kernelrl.demo.pipeline import (BEST_OF, MARGINS, MARKER, QLORA_MARGINS, DemoError, main,
+                                    parse_algos,
                                     sample)
 from kernelrl.demo.task import VOCAB, build_tokenizer, model_config
 
@@ -104,6 +107,25 @@ def test_ppo_and_dpo_beat_sft_by_the_stated_margin(small_demo):
         assert gain >= MARGINS["small"], f"{name}: {gain:+.2f} over SFT"
         assert f"{name} beats SFT on the gold score by {gain:+.2f}: yes" in printed
     assert summary["best_of_n"]["gold_score"] > sft
+
+
+def test_qlora_pipeline_still_beats_sft(tmp_path):
+    """--qlora: the reward model, PPO and DPO are adapters over the SFT model in NF4 (the
+    adapter folders record the 4-bit base, and the evaluation loads them over it), and PPO
+    and DPO still beat SFT by the stated margin."""
+    out = tmp_path / "q"
+    code, printed = run_demo(*SMALL, "--qlora", "--algos", "sft,rm,ppo,dpo", "--out", str(out))
+    assert code == 0, printed
+    summary = json.loads((out / "summary.json").read_text())
+    for stage in ("rm", "ppo", "dpo"):
+        record = json.loads((out / stage / "adapter" / "kernelrl_nf4.json").read_text())
+        assert record["blocksize"] == 64 and record["modules"], stage
+        assert "qlora = true" in (out / stage / "config.toml").read_text(), stage
+    assert (out / "sft" / "model" / "config.json").is_file()       # SFT: every weight
+    for name in ("ppo", "dpo"):
+        gain = summary[name]["gold_score"] - summary["sft"]["gold_score"]
+        assert gain >= QLORA_MARGINS["small"], f"{name}: {gain:+.2f} over SFT"
+        assert f"beats SFT on the gold score by {gain:+.2f}: yes" in printed
 
 
 def test_grpo_instead_of_ppo_and_dpo(tmp_path):
