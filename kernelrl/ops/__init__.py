@@ -15,7 +15,9 @@ from kernelrl.ops.preference import dpo_loss, reward_loss
 from kernelrl.ops.advantages import Advantages, kl_penalized_advantages
 from kernelrl.ops.ppo_loss import ppo_loss
 from kernelrl.ops.nf4 import NF4Weight, nf4_dequantize, nf4_linear, nf4_quantize
+from kernelrl.ops.moe import load_balancing_loss, moe_ffn, router_z_loss, topk_route
 
 __all__ = ["token_logprobs", "linear_logprobs", "group_advantages", "dpo_loss", "reward_loss",
            "kl_penalized_advantages", "Advantages", "ppo_loss",
-           "NF4Weight", "nf4_quantize", "nf4_dequantize", "nf4_linear"]
+           "NF4Weight", "nf4_quantize", "nf4_dequantize", "nf4_linear",
+           "topk_route", "load_balancing_loss", "router_z_loss", "moe_ffn"]
