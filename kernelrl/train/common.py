@@ -9,19 +9,22 @@ evaluation and checkpoint cadence). Each trainer's loop calls them in the same o
     loader, total_steps = step_loader(train_set, cfg)   # one sampler batch = one step
     run_dir, ckpt = start_run(cfg.out, cfg.resume)      # refuses to overwrite a run
     check_step_batch(ckpt, cfg, "prompts")              # the data position must carry over
-    model = setup_model_from_config(cfg, device)
+    model = setup_model_from_config(cfg, device)     # MoE blocks patched (--moe-kernels)
+    aux = RouterAux(model, cfg)                       # the MoE router's aux loss, or off
     optimizer, scheduler = optimizer_and_schedule(model, cfg, total_steps)
     step, _, extra = restore(ckpt, model, optimizer, scheduler, loader)   # 0, None, {} fresh
     write_config(run_dir, cfg, resumed=ckpt is not None)
     with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None) as logger:
-        log_start(logger, model, ckpt, step, total_steps, {"train": train_set, "eval": eval_set})
+        log_start(logger, model, ckpt, step, total_steps, {"train": ..., "eval": ...}, aux=aux)
         books = Bookkeeper(logger, run_dir, cfg, total_steps, model=model, optimizer=...,
                            scheduler=..., loader=loader, extra=extra, evaluate=...)
         params, order = trainable_parameters(model), iter(loader.sampler)
         while step < total_steps:
             step += 1
             for part in micro_batches(next(order), cfg.batch_size):
-                ... forward and backward, under autocast(device, cfg.autocast)
+                ... forward, under autocast(device, cfg.autocast)
+                loss, stats = aux.add(loss, stats, weight=..., mask=...)   # + c · aux
+                ... backward
             grad_norm = clip_gradients(params, cfg.max_grad_norm)
             values, norm = sync_and_check(step, sums, grad_norm)   # the step's one host sync
             lr = optimizer_step(optimizer, scheduler)
@@ -67,6 +70,8 @@ import torch
 from torch import nn
 
 from kernelrl.models.hf import load_model, load_tokenizer, local_folder, resolve_dtype
+from kernelrl.models.moe import (config_router_aux_coef, hf_moe_blocks, moe_modules, patch_moe,
+                                 router_aux_loss)
 from kernelrl.models.qlora import nf4_modules, quantize_model
 from kernelrl.models.lora import (ALL_LINEAR, DEFAULT_TARGET_MODULES, apply_lora, lora_modules,
                                   parameter_counts, save_adapter)
@@ -92,7 +97,7 @@ __all__ = ["CONFIG_FILE", "MODEL_DIR", "ADAPTER_DIR", "PREFERENCE_DATA_HELP", "T
            "warmup_cosine", "optimizer_and_schedule", "clip_gradients", "sync_and_check",
            "optimizer_step", "autocast", "resume_target", "start_run", "write_config",
            "check_step_batch", "restore", "save_state", "log_start", "Bookkeeper",
-           "export_model", "describe_model"]
+           "export_model", "describe_model", "RouterAux"]
 
 CONFIG_FILE = "config.toml"
 MODEL_DIR = "model"          # final full model (save_pretrained layout)
@@ -197,11 +202,13 @@ def setup_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float3
                 lora_targets: str = ",".join(DEFAULT_TARGET_MODULES),
                 gradient_checkpointing: bool = False,
                 attn_implementation: str | None = None,
-                adapter_name: str = "default", qlora: bool = False) -> nn.Module:
+                adapter_name: str = "default", qlora: bool = False,
+                moe_kernels: bool = True) -> nn.Module:
     """The causal LM a trainer trains: loaded from ``source`` (a local model folder,
     config.json + safetensors; never the Hub) in ``dtype`` on ``device``, then
-    ``make_trainable`` (LoRA adapter ``adapter_name`` when ``lora_r`` > 0). Raises
-    FileNotFoundError naming ``--model`` for a missing folder.
+    ``make_trainable`` (its MoE blocks on kernelrl's kernels unless ``moe_kernels`` is
+    False; LoRA adapter ``adapter_name`` when ``lora_r`` > 0). Raises FileNotFoundError
+    naming ``--model`` for a missing folder.
     """
     local_folder(source, "--model")
     model = load_model(source, dtype=resolve_dtype(dtype, "--dtype"), device=device,
@@ -209,28 +216,36 @@ def setup_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float3
     return make_trainable(model, lora_r=lora_r, lora_alpha=lora_alpha,
                           lora_dropout=lora_dropout, lora_targets=lora_targets,
                           gradient_checkpointing=gradient_checkpointing,
-                          adapter_name=adapter_name, qlora=qlora)
+                          adapter_name=adapter_name, qlora=qlora, moe_kernels=moe_kernels)
 
 
 def setup_model_from_config(cfg: TrainConfig, device: torch.device | str, *,
                             adapter_name: str = "default") -> nn.Module:
     """``setup_model`` with the settings of ``cfg``: ``--model``, ``--dtype``, the
-    ``--lora-*`` settings, ``--qlora``, ``--gradient-checkpointing`` and
-    ``--attn-implementation``."""
+    ``--lora-*`` settings, ``--qlora``, ``--gradient-checkpointing``,
+    ``--attn-implementation`` and ``--moe-kernels``."""
     return setup_model(cfg.model, dtype=cfg.dtype, device=device, lora_r=cfg.lora_r,
                        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                        lora_targets=cfg.lora_targets,
                        gradient_checkpointing=cfg.gradient_checkpointing,
                        attn_implementation=cfg.attn_implementation, adapter_name=adapter_name,
-                       qlora=cfg.qlora)
+                       qlora=cfg.qlora, moe_kernels=cfg.moe_kernels)
 
 
 def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.0,
                    lora_dropout: float = 0.0,
                    lora_targets: str = ",".join(DEFAULT_TARGET_MODULES),
                    gradient_checkpointing: bool = False,
-                   adapter_name: str = "default", qlora: bool = False) -> nn.Module:
+                   adapter_name: str = "default", qlora: bool = False,
+                   moe_kernels: bool = True) -> nn.Module:
     """Choose what trains, in place, and put ``model`` in train mode; returns it.
+
+    moe_kernels: first replace the model's sparse MoE blocks (Mixtral, Qwen3-MoE) by
+    ``kernelrl.nn.SparseMoE`` (``kernelrl.models.patch_moe``: same parameters, same
+    names); a model with an MoE block of another kind is refused (ValueError naming
+    ``--moe-kernels``). The experts and routers then train or freeze like any base weight:
+    LoRA never targets them (they are not linear layers), so with ``lora_r`` > 0 they stay
+    frozen.
 
     lora_r: 0 leaves every parameter trainable (full fine-tuning); R > 0 freezes the whole
     model and adds the LoRA adapter ``adapter_name`` of rank R (scaling alpha / R, float32
@@ -248,6 +263,12 @@ def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.
     if isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 0:
         raise ValueError(f"--lora-r: expected an int >= 0 (0 = full fine-tuning), got "
                          f"{lora_r!r}")
+    if moe_kernels:
+        try:
+            patch_moe(model)
+        except ValueError as exc:
+            raise ValueError(f"--moe-kernels: {exc}; pass --no-moe-kernels to train it with "
+                             f"transformers' own blocks") from None
     if qlora:
         if lora_r <= 0:
             raise ValueError("--qlora: needs --lora-r > 0 (adapters over the 4-bit base)")
@@ -286,8 +307,62 @@ def describe_model(model: nn.Module) -> str:
     method = f"LoRA on {len(lora_modules(model))} layers" if lora_modules(model) else "full"
     if nf4_modules(model):
         method = f"QLoRA: {method} over {len(nf4_modules(model))} NF4 layers"
+    if moe_modules(model):
+        method += f"; MoE: {len(moe_modules(model))} blocks on kernelrl's kernels"
+    elif hf_moe_blocks(model):
+        method += f"; MoE: {len(hf_moe_blocks(model))} blocks on transformers' own"
     return (f"model: {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.2f}%, {method})")
+
+
+class RouterAux:
+    """The MoE router's load-balancing term of a trainer's loss, for its policy forwards:
+
+        loss_m ← loss_m + c · w_m · aux_m,    aux_m = router_aux_loss(model, mask_m)
+
+    aux_m is transformers' pooled load-balancing loss of the forward just run (K at
+    perfect balance; ``kernelrl.models.router_aux_loss``), so c = ``--router-aux-coef``
+    means what the config's ``router_aux_loss_coef`` means to transformers (the default:
+    that value). w_m is the micro-batch's share of the step, the weight of its own loss,
+    so ``aux_loss`` = Σ_m w_m · aux_m, logged, is the step's mean aux. Off (``add``
+    changes nothing, nothing logged) for a dense model, with c = 0, and with
+    ``--no-moe-kernels``: transformers' own blocks leave no router logits to read, so
+    there the default is 0 and an explicit c > 0 is refused (ValueError naming the flag).
+    ``note``: a line for the log ('' for a dense model)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        self.model, patched, unpatched = model, moe_modules(model), hf_moe_blocks(model)
+        coef = cfg.router_aux_coef
+        if coef and not patched:
+            why = ("its MoE blocks run on transformers' own code (--no-moe-kernels), which "
+                   "keeps no router logits for kernelrl" if unpatched
+                   else "the model has no mixture-of-experts blocks")
+            raise ValueError(f"--router-aux-coef {coef}: {why}; give 0 or none")
+        source = "--router-aux-coef" if coef is not None else "the config's router_aux_loss_coef"
+        self.coef = float(coef if coef is not None else
+                          config_router_aux_coef(model) if patched else 0.0)
+        if patched and self.coef:
+            self.note = (f"router aux loss: {self.coef:g} x the load-balancing loss "
+                         f"({source}), logged as aux_loss")
+        elif patched or unpatched:
+            self.note = ("router aux loss: off" + (f" ({source} is 0)" if patched else
+                                                   " (--no-moe-kernels)"))
+        else:
+            self.note = ""
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], *,
+            weight: torch.Tensor | float = 1.0, mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss + c · weight · aux, stats with ``aux_loss`` = weight · aux, detached), for
+        the policy forward just run (call it before any other forward of the model);
+        (loss, stats) as given when off. mask: that forward's attention mask [B, T] (any
+        device), None when every token is real."""
+        if not self.coef:
+            return loss, stats
+        if mask is not None:
+            mask = mask.to(loss.device, non_blocking=True)
+        aux = router_aux_loss(self.model, mask) * weight
+        return loss + self.coef * aux.to(loss.dtype), {**stats, "aux_loss": aux.detach()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -397,13 +472,17 @@ def save_state(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
 
 
 def log_start(logger: RunLogger, model: nn.Module, ckpt: Checkpoint | None, step: int,
-              total_steps: int, datasets: dict[str, Any], *, skip: Sequence[str] = ()) -> None:
-    """The run's opening lines: the model (``describe_model``), then ``resumed from
+              total_steps: int, datasets: dict[str, Any], *, skip: Sequence[str] = (),
+              aux: RouterAux | None = None) -> None:
+    """The run's opening lines: the model (``describe_model``) and, for an MoE model, its
+    router aux loss (``aux.note``), then ``resumed from
     <checkpoint> at step s of S``, or, for a fresh run, the data statistics
     (``DataStats``) of each of ``datasets`` (split name -> dataset; None left out) as
     ``<split>_<stat>``, printed and logged at step 0. ``skip``: statistics left out (SFT
     has no pairs)."""
     logger.write(describe_model(model))
+    if aux is not None and aux.note:
+        logger.write(aux.note)
     if ckpt is not None:
         logger.write(f"resumed from {ckpt.path} at step {step} of {total_steps}")
         return

@@ -42,6 +42,10 @@ The reference (``--ref``):
 The reference runs in eval mode (no dropout) without gradients, so all three give the same
 values up to float rounding.
 
+A mixture-of-experts policy (``--moe-kernels``) adds its router's load-balancing loss of the
+policy forward (not the reference's), ``--router-aux-coef`` × aux, to each micro-batch's
+loss with the micro-batch's weight (``common.RouterAux``); ``aux_loss`` is logged.
+
 Where this deviates from the paper and from TRL:
 - rankings: K ranked responses give all C(K, 2) pairs, averaged per prompt (a chosen/
   rejected file gives exactly TRL's mean over pairs);
@@ -77,6 +81,7 @@ from torch import nn
 from kernelrl.models.hf import load_model
 from kernelrl.models.logprobs import sequence_logprobs
 from kernelrl.models.lora import disable_adapters, lora_modules
+from kernelrl.models.moe import patch_moe
 from kernelrl.ops import dpo_loss
 from kernelrl.train import common
 from kernelrl.train.batching import BatchLoader, PreferenceBatch
@@ -302,6 +307,8 @@ def _build_reference(cfg: DPOConfig, model: nn.Module, device: torch.device,
     if cfg.ref == "copy":
         copy = load_model(cfg.model, dtype=cfg.dtype, device=device,
                           attn_implementation=cfg.attn_implementation)
+        if cfg.moe_kernels:
+            patch_moe(copy)              # the policy's MoE blocks, so the same numerics
         copy.eval().requires_grad_(False)
         return Reference(cfg, copy), f"reference: a frozen copy of {cfg.model}", False
     here = run_dir / REFERENCE_FILE
@@ -333,6 +340,7 @@ def train(cfg: DPOConfig) -> Path:
     run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
     common.check_step_batch(ckpt, cfg, "prompts")     # before the reference's forwards
     model = common.setup_model_from_config(cfg, device)
+    aux = common.RouterAux(model, cfg)                   # the MoE router's aux loss, or off
     optimizer, scheduler = common.optimizer_and_schedule(model, cfg, total_steps)
     reference, ref_line, unsaved = _build_reference(
         cfg, model, device, datasets, run_dir, ckpt.path.parent.parent if ckpt else None)
@@ -342,7 +350,7 @@ def train(cfg: DPOConfig) -> Path:
         _write_cache(run_dir / REFERENCE_FILE, reference.cache, _cache_key(cfg))
 
     with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None, desc="dpo") as logger:
-        common.log_start(logger, model, ckpt, step, total_steps, datasets)
+        common.log_start(logger, model, ckpt, step, total_steps, datasets, aux=aux)
         logger.write(ref_line)
         books = common.Bookkeeper(
             logger, run_dir, cfg, total_steps, model=model, optimizer=optimizer,
@@ -356,7 +364,7 @@ def train(cfg: DPOConfig) -> Path:
         while step < total_steps:
             step += 1
             units = next(order)
-            sums = torch.zeros(1 + len(METRICS), device=device)   # loss and METRICS
+            sums = torch.zeros((), device=device)      # + [loss, METRICS (, aux_loss)]
             n_tokens = 0
             for part in common.micro_batches(units, cfg.batch_size):
                 cpu_batch = loader.collate(part)
@@ -365,13 +373,15 @@ def train(cfg: DPOConfig) -> Path:
                 ref = reference.logps(batch, part, "train")
                 loss, stats = dpo_step_loss(model, batch, ref, cfg,
                                             weight=len(part) / len(units))
+                loss, stats = aux.add(loss, stats, weight=len(part) / len(units),
+                                      mask=batch.attention_mask)     # the policy forward's
                 loss.backward()
-                sums += torch.stack([loss.detach(), *stats.values()]).to(sums)
+                sums = sums + torch.stack([loss.detach(), *stats.values()]).to(sums)
             grad_norm = common.clip_gradients(params, cfg.max_grad_norm)
             values, norm = common.sync_and_check(step, sums, grad_norm)
             lr = common.optimizer_step(optimizer, scheduler)
             books.end_step(step, n_tokens, lr=lr, grad_norm=norm,
-                           **dict(zip(("loss",) + METRICS, values)))
+                           **dict(zip(("loss", *stats), values)))
 
         final = common.export_model(model, run_dir, tokenizer=tokenizer, base_model=cfg.model)
         logger.write(f"final model: {final}")

@@ -71,7 +71,9 @@ Metrics per step: loss, pg_loss, reward (mean score before penalties), reward_st
 kl_coef (with ``--kl-penalty``), clipfrac, approx_kl, entropy, response_length, truncated
 (fraction without EOS), rollout/logprob_drift, rollout/tokens_per_s (generated tokens per
 second of sampling), update/tokens_per_s, lr, grad_norm (the mean over the step's
-updates); eval/reward and eval/response_length on held-out prompts.
+updates), aux_loss (a mixture-of-experts policy's router load-balancing loss of the update
+forwards, added to the loss × ``--router-aux-coef``: ``common.RouterAux``); eval/reward and
+eval/response_length on held-out prompts.
 
 Run folder (``--out``): config.toml, metrics.jsonl, curves.png, checkpoints/step-<N>/
 (the policy's trainable state, optimizer, schedule, RNG, prompt order, KL coefficient:
@@ -164,11 +166,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "kernelrl grpo") -> int:
 
 
 def grpo_loss(model: nn.Module, exp: rl.Experience, advantages: torch.Tensor, cfg: GRPOConfig,
-              weight: torch.Tensor | float = 1.0
+              weight: torch.Tensor | float = 1.0, aux: common.RouterAux | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``weight`` · the clipped GRPO loss of one micro-batch of experience (module
     docstring), ready for ``backward``, and ``weight`` · its UPDATE_METRICS (detached).
-    ``advantages`` [B·G], one per completion."""
+    ``advantages`` [B·G], one per completion. ``aux``: adds the MoE router's aux loss of
+    this forward (and ``aux_loss`` to the statistics)."""
     logprobs, entropy = rl.policy_logprobs(model, exp.rollout, cfg.temperature, cfg.autocast)
     use_kl = cfg.kl_loss_coef > 0
     loss, stats = ppo_loss(
@@ -178,7 +181,10 @@ def grpo_loss(model: nn.Module, exp: rl.Experience, advantages: torch.Tensor, cf
         ref_logprobs=exp.ref_logprobs if use_kl else None, kl_loss_coef=cfg.kl_loss_coef,
         agg=cfg.loss_agg,
         norm_length=cfg.max_new_tokens if cfg.loss_agg == "seq-mean-token-sum-norm" else None)
-    return loss * weight, {k: stats[k] * weight for k in UPDATE_METRICS if k in stats}
+    loss, stats = loss * weight, {k: stats[k] * weight for k in UPDATE_METRICS if k in stats}
+    if aux is not None:
+        loss, stats = aux.add(loss, stats, weight=weight, mask=exp.rollout.attention_mask)
+    return loss, stats
 
 
 def _weigh_by(agg: str) -> str:
@@ -206,6 +212,7 @@ def train(cfg: GRPOConfig) -> Path:
     run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
     common.check_step_batch(ckpt, cfg, "prompts")
     model = common.setup_model_from_config(cfg, device)
+    aux = common.RouterAux(model, cfg)                   # the MoE router's aux loss, or off
     reward, reward_line = rl.run_reward(cfg, model, tokenizer, device)
     rl.disable_dropout(model)       # the policy, and a reward adapter loaded onto it
     reference, ref_line = (rl.Reference.for_policy(model, cfg, device)
@@ -219,7 +226,8 @@ def train(cfg: GRPOConfig) -> Path:
     with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None,
                    desc="grpo") as logger:
         common.log_start(logger, model, ckpt, step, total_steps,
-                         {"train": train_set, "eval": eval_set}, skip=("pairs", "pairs_dropped"))
+                         {"train": train_set, "eval": eval_set}, skip=("pairs", "pairs_dropped"),
+                         aux=aux)
         logger.write(f"{reward_line}; {ref_line}")
         books = common.Bookkeeper(
             logger, run_dir, cfg, total_steps, model=model, optimizer=optimizer,
@@ -250,7 +258,7 @@ def train(cfg: GRPOConfig) -> Path:
             # Update: μ epochs of mini-batches, one optimizer update each.
             update = rl_update.run_updates(
                 experience, lambda i, weight: grpo_loss(model, experience[i], advantages[i],
-                                                        cfg, weight),
+                                                        cfg, weight, aux),
                 cfg, step=step, weigh_by=_weigh_by(cfg.loss_agg), params=params,
                 optimizer=optimizer, scheduler=scheduler)
             if cfg.kl_penalty:

@@ -94,8 +94,9 @@ Metrics per step: loss, pg_loss, vf_loss, vf_clipfrac, clipfrac, approx_kl, rati
 penalty), kl (mean Σ_t d_t), non_score_reward (mean Σ_t −β·KL_t), kl_coef (β of the step),
 value (mean V_old), explained_variance (1 − Var(R − V_old) / Var(R) over real tokens),
 entropy, response_length, truncated, rollout/logprob_drift, rollout/tokens_per_s,
-update/tokens_per_s, lr, grad_norm; eval/reward and eval/response_length on held-out
-prompts.
+update/tokens_per_s, lr, grad_norm; aux_loss (a mixture-of-experts policy's router
+load-balancing loss of the policy's update forwards, added × ``--router-aux-coef``:
+``common.RouterAux``); eval/reward and eval/response_length on held-out prompts.
 
 Run folder (``--out``): config.toml, metrics.jsonl, curves.png, checkpoints/step-<N>/
 (the policy's and the value's trainable weights, value head included, optimizer,
@@ -277,7 +278,8 @@ def build_value(cfg: PPOConfig, policy: nn.Module, reward, device) -> tuple[Valu
         decoder.requires_grad_(True)
         head = _head(width, None, device)
         line = f"value: a copy of {cfg.model}'s decoder, zero head"
-    common.make_trainable(decoder, gradient_checkpointing=cfg.gradient_checkpointing)
+    common.make_trainable(decoder, gradient_checkpointing=cfg.gradient_checkpointing,
+                          moe_kernels=cfg.moe_kernels)
     return ValueModel(decoder, head), line
 
 
@@ -329,11 +331,18 @@ def step_targets(experience: Sequence[rl.Experience], values: Sequence[torch.Ten
 
 
 def ppo_micro_loss(policy: nn.Module, value: ValueModel, exp: rl.Experience, targets: Targets,
-                   cfg: PPOConfig, weight: torch.Tensor | float = 1.0
+                   cfg: PPOConfig, weight: torch.Tensor | float = 1.0,
+                   aux: common.RouterAux | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``weight`` · the PPO loss of one micro-batch (module docstring), ready for
-    ``backward``, and ``weight`` · its UPDATE_METRICS (detached)."""
+    ``backward``, and ``weight`` · its UPDATE_METRICS (detached). ``aux``: adds the MoE
+    router's aux loss of the policy's forward (and ``aux_loss`` to the statistics)."""
     logprobs, entropy = rl.policy_logprobs(policy, exp.rollout, cfg.temperature, cfg.autocast)
+    # The policy forward's router aux term c·weight·aux, read now: on the policy's base the
+    # value's forward runs the same MoE layers. (0, {}) when off.
+    aux_term, aux_stats = (aux.add(logprobs.new_zeros(()), {}, weight=weight,
+                                   mask=exp.rollout.attention_mask)
+                           if aux is not None else (0.0, {}))
     values = value(exp.rollout, cfg.autocast)
     loss, stats = ppo_loss(
         logprobs, exp.logprobs, targets.advantages, exp.rollout.response_mask,
@@ -341,7 +350,8 @@ def ppo_micro_loss(policy: nn.Module, value: ValueModel, exp: rl.Experience, tar
         returns=targets.returns, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
         entropy=entropy if cfg.entropy_coef else None, entropy_coef=cfg.entropy_coef,
         agg="token-mean")
-    return loss * weight, {k: stats[k] * weight for k in UPDATE_METRICS}
+    stats = {k: stats[k] * weight for k in UPDATE_METRICS}
+    return (loss * weight + aux_term, stats | aux_stats) if aux_stats else (loss * weight, stats)
 
 
 def _backward(loss: torch.Tensor, model: PPOModel, cfg: PPOConfig) -> None:
@@ -378,6 +388,7 @@ def train(cfg: PPOConfig) -> Path:
     run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
     common.check_step_batch(ckpt, cfg, "prompts")
     policy = common.setup_model_from_config(cfg, device, adapter_name=POLICY_ADAPTER)
+    aux = common.RouterAux(policy, cfg)                  # the MoE router's aux loss, or off
     reward, reward_line = rl.run_reward(cfg, policy, tokenizer, device)
     value, value_line = build_value(cfg, policy, reward, device)
     model = rl.disable_dropout(PPOModel(policy, value)).train()
@@ -392,7 +403,8 @@ def train(cfg: PPOConfig) -> Path:
     with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None,
                    desc="ppo") as logger:
         common.log_start(logger, model, ckpt, step, total_steps,
-                         {"train": train_set, "eval": eval_set}, skip=("pairs", "pairs_dropped"))
+                         {"train": train_set, "eval": eval_set}, skip=("pairs", "pairs_dropped"),
+                         aux=aux)
         logger.write(f"{reward_line}; {ref_line}; {value_line}")
         books = common.Bookkeeper(
             logger, run_dir, cfg, total_steps, model=model, optimizer=optimizer,
@@ -423,7 +435,7 @@ def train(cfg: PPOConfig) -> Path:
             # Update: μ epochs of mini-batches, one optimizer update each.
             update = rl_update.run_updates(
                 experience, lambda i, share: ppo_micro_loss(policy, value, experience[i],
-                                                            targets[i], cfg, share),
+                                                            targets[i], cfg, share, aux),
                 cfg, step=step, weigh_by="tokens", params=params, optimizer=optimizer,
                 scheduler=scheduler, backward=lambda loss: _backward(loss, model, cfg))
             metrics["kl_coef"] = kl_coef                    # the β this step's rewards used

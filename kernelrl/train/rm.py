@@ -44,7 +44,10 @@ Where this deviates from the paper:
   the paper found more overfit); optional LoRA (``--lora-r``: adapter ``--adapter-name``
   on the decoder, and the head, train);
 - the logged ``accuracy`` (fraction of pairs with r_better > r_worse) and ``margin`` (mean
-  r_better − r_worse, not ``--margin``) count every pair once; the loss every prompt once.
+  r_better − r_worse, not ``--margin``) count every pair once; the loss every prompt once;
+- a mixture-of-experts base (``--moe-kernels``) adds its router's load-balancing loss,
+  ``--router-aux-coef`` × aux, weighed per micro-batch as its loss (``common.RouterAux``;
+  ``aux_loss`` logged).
 
 Run folder (``--out``): config.toml, metrics.jsonl (loss, accuracy, margin, lr, grad_norm,
 tokens_per_s, tokens_seen, epoch; eval/loss, eval/accuracy, eval/margin at eval steps and
@@ -355,13 +358,14 @@ def train(cfg: RMConfig) -> Path:
     run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
     common.check_step_batch(ckpt, cfg, "prompts")
     model, lm = _build_model(cfg, device, train_set.pad_token_id)
+    aux = common.RouterAux(model, cfg)                   # the MoE router's aux loss, or off
     optimizer, scheduler = common.optimizer_and_schedule(model, cfg, total_steps)
     step, _, extra = common.restore(ckpt, model, optimizer, scheduler, loader)
     common.write_config(run_dir, cfg, resumed=ckpt is not None)
 
     with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None, desc="rm") as logger:
         common.log_start(logger, model, ckpt, step, total_steps,
-                         {"train": train_set, "eval": eval_set})
+                         {"train": train_set, "eval": eval_set}, aux=aux)
         books = common.Bookkeeper(
             logger, run_dir, cfg, total_steps, model=model, optimizer=optimizer,
             scheduler=scheduler, loader=loader, extra=extra,
@@ -376,24 +380,27 @@ def train(cfg: RMConfig) -> Path:
             units = next(order)
             micro = [loader.collate(part) for part in common.micro_batches(units, cfg.batch_size)]
             prompts = sum(b.num_prompts for b in micro)                # B of the step
-            sums = torch.zeros(3, device=device)                       # loss, right, Σ gap
+            sums = torch.zeros((), device=device)       # + [loss, right, Σ gap (, aux_loss)]
             for batch in micro:
                 scores = score_sequences(model, batch, device, cfg.autocast)
                 micro_loss = pairwise_loss(scores, batch, margin=cfg.margin,
                                            center_coef=cfg.center_coef)
                 micro_loss = micro_loss * (batch.num_prompts / prompts)
+                micro_loss, stats = aux.add(micro_loss, {}, weight=batch.num_prompts / prompts,
+                                            mask=batch.attention_mask)
                 micro_loss.backward()
                 gaps = _gaps(scores, batch)
-                sums += torch.stack([micro_loss.detach(), (gaps > 0).sum().float(),
-                                     gaps.sum()])
+                sums = sums + torch.stack([micro_loss.detach(), (gaps > 0).sum().float(),
+                                           gaps.sum(), *stats.values()])
             grad_norm = common.clip_gradients(params, cfg.max_grad_norm)
-            (loss_value, right, gap), norm = common.sync_and_check(step, sums, grad_norm)
+            (loss_value, right, gap, *values), norm = common.sync_and_check(step, sums,
+                                                                            grad_norm)
             lr = common.optimizer_step(optimizer, scheduler)
             # accuracy and margin: means over the window's pairs; the loss over its steps
             pairs = sum(b.num_pairs for b in micro)
             books.end_step(step, sum(int(b.lengths.sum()) for b in micro), lr=lr,
                            grad_norm=norm, loss=loss_value, accuracy=(right, pairs),
-                           margin=(gap, pairs))
+                           margin=(gap, pairs), **dict(zip(stats, values)))
 
         if lm is not None:
             final = _export_lora(model, lm, run_dir, cfg, tokenizer)

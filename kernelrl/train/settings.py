@@ -131,6 +131,13 @@ class TrainConfig:
                 "transformers' choice)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward to save memory"})
+    moe_kernels: bool = field(default=True, metadata={
+        "help": "run a mixture-of-experts model's sparse blocks (Mixtral, Qwen3-MoE) on "
+                "kernelrl's MoE kernels; --no-moe-kernels keeps transformers' own (and so "
+                "no router aux loss)"})
+    router_aux_coef: Optional[float] = field(default=None, metadata={
+        "help": "weight of the MoE router's load-balancing loss, as transformers' "
+                "router_aux_loss_coef (default: the model config's; 0: off)"})
     seed: int = field(default=0, metadata={
         "help": "seed for the initialisation, data order, split and dropout"})
     resume: Optional[str] = field(default=None, metadata={
@@ -230,12 +237,14 @@ def validate_common(cfg: TrainConfig) -> None:
     trainer config's ``__post_init__`` calls it before checking its own fields.
 
     Integers have a least value (``--batch-size`` >= 1, ``--max-length`` >= 2, ...),
-    numbers a range (``--lr`` finite and > 0, ratios in [0, 1), ...); ``--warmup-steps``
+    numbers a range (``--lr`` finite and > 0, ratios in [0, 1), ``--router-aux-coef``
+    finite and >= 0 or none, ...); ``--warmup-steps``
     and ``--warmup-ratio``, ``--eval-data`` and ``--eval-fraction`` exclude each other;
     ``--eval-every`` needs held-out data (``--eval-data`` or ``--eval-fraction``)."""
     check_ints(cfg, _INT_FLOORS)
     check_ints(cfg, {"max_steps": 1}, optional=True)
     check_numbers(cfg, _RANGES)
+    check_numbers(cfg, {"router_aux_coef": NONNEGATIVE}, optional=True)
     if cfg.overlong not in OVERLONG:
         raise bad_setting(cfg, "overlong", f"one of {OVERLONG}")
     if cfg.warmup_steps and cfg.warmup_ratio:

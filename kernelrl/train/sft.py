@@ -29,6 +29,11 @@ Where this deviates from the paper:
 - optional LoRA (``--lora-r``: only rank-R adapters train) and sequence packing
   (``--packing``: several examples per row, each attending only to itself).
 
+A mixture-of-experts model (``--moe-kernels``) adds its router's load-balancing loss,
+``--router-aux-coef`` × aux, to L (``common.RouterAux``; each micro-batch's aux weighed by
+its share of the step's real tokens), as transformers' Mixtral does with
+``output_router_logits``; ``aux_loss`` is logged.
+
 Run folder (``--out``): config.toml, metrics.jsonl (loss, lr, grad_norm, tokens_per_s,
 tokens_seen, epoch; ``eval/loss``, the held-out mean token NLL, at eval steps and at the
 end), curves.png, checkpoints/step-<N>/ and the final model (``model/`` or, with LoRA,
@@ -97,6 +102,11 @@ def _real_tokens(batch: SFTBatch) -> int:
     return int(batch.attention_mask.sum())
 
 
+def _real_mask(batch: SFTBatch) -> torch.Tensor:
+    """[B, T] nonzero on the tokens that are not padding (what the router aux loss counts)."""
+    return batch.segment_ids > 0 if batch.packed else batch.attention_mask
+
+
 def _sum_logprobs(model, batch: SFTBatch, device: torch.device, precision: str) -> torch.Tensor:
     """Σ log π(label) over the batch's label tokens: a 0-d float32 tensor on ``device``."""
     batch = batch.to(device)
@@ -140,6 +150,7 @@ def train(cfg: SFTConfig) -> Path:
     run_dir, ckpt = common.start_run(cfg.out, cfg.resume, device=device)
     common.check_step_batch(ckpt, cfg, "sequences")
     model = common.setup_model_from_config(cfg, device)
+    aux = common.RouterAux(model, cfg)                   # the MoE router's aux loss, or off
     optimizer, scheduler = common.optimizer_and_schedule(model, cfg, total_steps)
     step, _, extra = common.restore(ckpt, model, optimizer, scheduler, loader)
     common.write_config(run_dir, cfg, resumed=ckpt is not None)
@@ -147,7 +158,7 @@ def train(cfg: SFTConfig) -> Path:
     with RunLogger(run_dir, total_steps, resume_step=step if ckpt else None, desc="sft") as logger:
         common.log_start(logger, model, ckpt, step, total_steps,
                          {"train": train_set, "eval": eval_set},
-                         skip=("pairs", "pairs_dropped"))
+                         skip=("pairs", "pairs_dropped"), aux=aux)
         books = common.Bookkeeper(
             logger, run_dir, cfg, total_steps, model=model, optimizer=optimizer,
             scheduler=scheduler, loader=loader, extra=extra,
@@ -162,16 +173,19 @@ def train(cfg: SFTConfig) -> Path:
             micro = [loader.collate(part)
                      for part in common.micro_batches(next(order), cfg.batch_size)]
             n_labels = max(sum(b.num_label_tokens for b in micro), 1)    # N of the step
-            loss = torch.zeros((), device=device)
-            for batch in micro:
+            tokens = [_real_tokens(b) for b in micro]
+            sums = torch.zeros((), device=device)          # the loss (and aux_loss)
+            for batch, n_real in zip(micro, tokens):
                 micro_loss = -_sum_logprobs(model, batch, device, cfg.autocast) / n_labels
+                micro_loss, stats = aux.add(micro_loss, {}, weight=n_real / sum(tokens),
+                                            mask=_real_mask(batch))
                 micro_loss.backward()
-                loss += micro_loss.detach()
+                sums = sums + torch.stack([micro_loss.detach(), *stats.values()])
             grad_norm = common.clip_gradients(params, cfg.max_grad_norm)
-            (loss_value,), norm = common.sync_and_check(step, loss, grad_norm)
+            (loss_value, *values), norm = common.sync_and_check(step, sums, grad_norm)
             lr = common.optimizer_step(optimizer, scheduler)
-            books.end_step(step, sum(_real_tokens(b) for b in micro), lr=lr, grad_norm=norm,
-                           loss=loss_value)
+            books.end_step(step, sum(tokens), lr=lr, grad_norm=norm, loss=loss_value,
+                           **dict(zip(stats, values)))
 
         final = common.export_model(model, run_dir, tokenizer=tokenizer, base_model=cfg.model)
         logger.write(f"final model: {final}")

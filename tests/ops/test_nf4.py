@@ -142,3 +142,16 @@ def test_nf4_linear_errors(kwargs, match):
         nf4_linear(torch.randn(3, 65), qw)
     with pytest.raises(TypeError, match="NF4Weight"):
         nf4_linear(torch.randn(3, 64), torch.randn(20, 64))
+
+
+def test_nf4_linear_under_autocast_runs_in_the_autocast_dtype():
+    """As F.linear: bf16 in and out under CPU autocast, float32 adapters included, and the
+    gradients reach the float32 leaves in their own dtype."""
+    qw, x, bb, a, b = _inputs("cpu", torch.float32, 20, 24, 64, 4, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_linear(x, qw, bias=bb, lora_a=a, lora_b=b)
+    assert y.dtype == torch.bfloat16
+    ref = linear_reference(x.detach(), qw, bb.detach(), a.detach(), b.detach())
+    assert (y.double() - ref).norm() / ref.norm() < 1e-2
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32

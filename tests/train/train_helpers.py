@@ -5,7 +5,8 @@ a test module to use them there), command lines and configs, bitwise comparison,
 patching a trainer's function to fail or return NaN from its n-th call on.
 
 Nothing here downloads anything: the tokenizer is built in memory with ``tokenizers`` and
-wrapped in a ``PreTrainedTokenizerFast``; the model comes from a ``LlamaConfig``.
+wrapped in a ``PreTrainedTokenizerFast``; the model comes from a ``LlamaConfig`` (or, for
+the mixture-of-experts tests, a ``MixtralConfig``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          PreTrainedTokenizerFast)
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 NUMBERS = "zero one two three four five six seven eight nine".split()
@@ -51,6 +53,28 @@ def write_model_folder(folder, seed: int = 0) -> Path:
     folder = Path(folder)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config())
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_mixtral_config(vocab_size: int = len(VOCAB), **changes) -> MixtralConfig:
+    """A mixture-of-experts model as small as ``tiny_config``'s Llama: H = 32, 2 layers,
+    4 heads (2 KV heads), 4 experts of width 16, top-2; ``changes`` override fields."""
+    settings = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=16,
+                    num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    tie_word_embeddings=False, bos_token_id=VOCAB["<s>"],
+                    eos_token_id=VOCAB["</s>"], pad_token_id=VOCAB["<pad>"])
+    return MixtralConfig(**(settings | changes))
+
+
+def write_mixtral_folder(folder, seed: int = 0, **changes) -> Path:
+    """A random tiny Mixtral (``tiny_mixtral_config(**changes)``) and the tokenizer, saved
+    with ``save_pretrained`` into ``folder``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(tiny_mixtral_config(**changes))
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder

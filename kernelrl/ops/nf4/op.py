@@ -231,8 +231,15 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, *, bias: Optional[torch.Tens
     x: [..., in] in float32, float16 or bfloat16 (y has its dtype and [..., out]); bias:
     [out]; lora_a: [R, in]; lora_b: [out, R]; lora_dropout applies to the LoRA branch's
     input only (pass 0 in eval). Up to 16 rows of x run the decode GEMV, more the
-    dequant-matmul; gradients flow to x, bias, lora_a and lora_b."""
+    dequant-matmul; gradients flow to x, bias, lora_a and lora_b. Under autocast it runs in
+    the autocast dtype, as ``F.linear`` does."""
     _check_linear(x, qweight, bias, lora_a, lora_b, lora_scale, lora_dropout)
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):      # as a linear layer under autocast: the autocast
+        x = x.to(torch.get_autocast_dtype(kind))      # dtype in, that dtype out
+        with torch.autocast(kind, enabled=False):
+            return nf4_linear(x, qweight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                              lora_scale=lora_scale, lora_dropout=lora_dropout)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
