@@ -118,6 +118,8 @@ def load_model(source, *, dtype=torch.float32, device="cpu", attn_implementation
     else:
         path = local_folder(source)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        from kernelrl.models.qlora import from_bitsandbytes    # (qlora imports this package)
+        from_bitsandbytes(model)          # a bitsandbytes 4-bit checkpoint: kernelrl's NF4
     check_supported(model)
     return model.to(device)
 

@@ -133,3 +133,33 @@ def apply_nf4_record(model: nn.Module, folder: str | os.PathLike) -> bool:
                          f"weights; load this 4-bit adapter into a model without adapters")
     _quantize_layers(model, layers, blocksize, double_quant, progress=False)
     return True
+
+
+def from_bitsandbytes(model: nn.Module) -> list[str]:
+    """Replace every bitsandbytes NF4 ``Linear4bit`` of ``model`` (a checkpoint loaded
+    already quantized) by an ``NF4Linear`` holding the same bytes and scales, through the
+    format both libraries share; returns the replaced names. Other 4-bit types (FP4) and
+    weights that bitsandbytes has repacked for its CPU kernel are refused, naming the layer."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    from kernelrl.ops import NF4Weight
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for name, m in found:
+        state = m.weight.quant_state
+        if state is None or state.quant_type != "nf4":
+            raise ValueError(f"{name}: a bitsandbytes {getattr(state, 'quant_type', '?')} "
+                             f"layer; kernelrl reads NF4 only")
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(f"{name}: bitsandbytes has repacked this weight for its CPU "
+                             f"kernel; load the checkpoint afresh before converting it")
+        sd = {"weight": m.weight.data.reshape(-1)}
+        sd.update({f"weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+        q = NF4Weight.from_state_dict(sd, "weight")
+        if q.shape != (m.out_features, m.in_features):
+            raise ValueError(f"{name}: quantized shape {tuple(q.shape)} is not "
+                             f"[{m.out_features}, {m.in_features}]")
+        _replace(model, name, NF4Linear(q, m.bias))
+    return [n for n, _ in found]

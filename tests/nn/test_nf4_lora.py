@@ -215,3 +215,34 @@ def test_a_4bit_adapter_reloads_over_the_same_4bit_base(tmp_path):
                                               '"double_quant": true}')
     with pytest.raises(ValueError, match="no layer 'model.nope'"):
         load_adapter(_llama(), folder)
+
+
+def test_a_bitsandbytes_4bit_checkpoint_loads_as_nf4(tmp_path):
+    """A model saved already quantized by transformers + bitsandbytes (NF4, double quant)
+    loads through load_model with kernelrl's NF4Linear in place of Linear4bit: the same
+    dequantized weights, the same logits, and --qlora's adapters go on top."""
+    bnb = pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from kernelrl.models import load_model
+    from kernelrl.train.common import make_trainable
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", quantization_config=quant, device_map="cpu")
+    theirs.save_pretrained(tmp_path / "bnb")
+    layer = theirs.model.layers[0].self_attn.q_proj
+    want_w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    ours = load_model(tmp_path / "bnb")
+    assert len(nf4_modules(ours)) == 7
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in ours.modules())
+    assert torch.equal(ours.model.layers[0].self_attn.q_proj.dequantized(), want_w)
+    ids = torch.randint(0, 64, (2, 7))
+    assert rel_err(ours(ids).logits, theirs(ids).logits) < 1e-5
+    make_trainable(ours, lora_r=4, qlora=True)
+    assert len(lora_modules(ours)) == 7 and len(nf4_modules(ours)) == 7
