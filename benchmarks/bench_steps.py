@@ -1,4 +1,5 @@
-"""Benchmark: one training step (SFT, DPO, PPO) of a small Llama: kernelrl vs eager vs TRL.
+"""Benchmark: one training step (SFT, DPO, PPO; LoRA, QLoRA) of a small Llama: kernelrl vs
+eager vs TRL (QLoRA: vs bitsandbytes + PEFT).
 
 Shape legend: B sequences, T tokens per sequence (SFT); P pairs, Tp prompt and Tr response
 tokens per sequence (DPO: 2·P sequences of Tp + Tr); B prompts of Tp tokens, one response
@@ -10,8 +11,10 @@ Target shapes (--full): H=256 I=688 L=4 V=32000, fp32; SFT B=8 T=512 (4,096 toke
 token but the first of each row scored); DPO P=8 Tp=256 Tr=256 (16 sequences, 8,192 tokens,
 the response tokens scored); PPO B=8 Tp=64 Tr=64 (1,024 tokens), one PPO epoch of one
 mini-batch. Default (light) shapes: H=128 I=344 L=2 V=8000, SFT B=2 T=128, DPO P=1 Tp=64
-Tr=64, PPO B=4 Tp=32 Tr=32; the default run has the cases "dpo_lora" and "ppo_lora" (the
-tests also run "sft"). No padding in any.
+Tr=64, PPO B=4 Tp=32 Tr=32; the default run has the cases "dpo_lora", "ppo_lora" and
+"sft_qlora" (the tests also run "sft" and, at a tiny shape, "dpo_qlora"). QLoRA
+("sft_qlora", "dpo_qlora"): the SFT and DPO shapes with I rounded up to a multiple of 64
+(full 704, light 384). No padding in any.
 
 Every row trains the same model from the same initial weights (LlamaForCausalLM of that
 config under torch.manual_seed(0); LoRA r=16 alpha=16 on q,k,v,o,gate,up,down with the same
@@ -48,6 +51,21 @@ gradient norm clipped to 1.0, DPO beta 0.1 (sigmoid loss), transformers' default
             accelerator.prepare with the model, as Trainer.train() does. Not timed: the
             trainer's setup, data loading and collation, callbacks and logging.
 
+QLoRA (cases "sft_qlora", "dpo_qlora", built in steps_qlora.py, whose docstring has the
+details): the SFT and DPO LoRA steps above with the seven LoRA targets in NF4 (blocks of
+64, double quantization, fp32 compute), every row on the same 4-bit weights (kernelrl's,
+handed to bitsandbytes in its state dict format):
+  kernelrl  the trainers' step above, the model by make_trainable(..., qlora=True).
+  bnb_peft  (the check's reference) the eager step above on transformers' 4-bit load
+            (BitsAndBytesConfig nf4, double quant: Linear4bit layers),
+            prepare_model_for_kbit_training (no gradient checkpointing), PEFT's LoRA.
+  trl       the TRL row above on that 4-bit model; TRL casts a quantized model's adapters
+            to bf16, the row casts them back to fp32.
+No targets (the issue states none): a line each prints their tokens/s. The light default
+has sft_qlora only (about 20 s on the 2-core VM when quiet, as much as the light dpo_lora
+case; both QLoRA cases would be twice that); --cases picks among the planned cases only, so
+`--quick --cases dpo_qlora` runs nothing: --full (or --cases dpo_qlora) runs it.
+
 PPO (case "ppo_lora", built in steps_ppo.py, whose docstring has the details): one
 iteration, rollout and update, of kernelrl ppo's four roles on one base (adapters policy,
 reward and value, the reference = adapters off), sampling at temperature 1 with no EOS (so
@@ -74,7 +92,8 @@ every row of a case, so the rate ranks like time.
 Check before timing: every row takes one step from the same start on the same batch;
 its loss must equal eager's (|diff| <= 1e-4 + 1e-5·|loss|) and its trainable parameters
 afterwards must agree with eager's to 0.1% of eager's update: ||p - p_eager|| <= 1e-3 ·
-||p_eager - p_0|| over all trainable parameters. PPO: the rows sample with the same seed
+||p_eager - p_0|| over all trainable parameters (QLoRA: bnb_peft in eager's place, the
+adapters the parameters). PPO: the rows sample with the same seed
 and settings but by different code, so the check is on the update given the same rollout:
 each row returns its rollout too, and eager's update is replayed on that very rollout in a
 freshly built eager model, from the same start; the same two conditions then hold against
@@ -111,6 +130,7 @@ import common  # noqa: E402
 import report  # noqa: E402
 import steps_common  # noqa: E402
 import steps_ppo  # noqa: E402
+import steps_qlora  # noqa: E402
 import suite  # noqa: E402
 from cases import Case, Impl  # noqa: E402
 from steps_common import (EOS, LORA_ALPHA, LORA_R, LORA_TARGETS, LR,  # noqa: E402
@@ -126,8 +146,10 @@ CASE_NAMES = {
     "dpo": "DPO step, full fine-tune",
     "dpo_lora": "DPO step, LoRA r=16",
     "ppo_lora": "PPO iteration, LoRA r=16",
+    "sft_qlora": "SFT step, QLoRA r=16",
+    "dpo_qlora": "DPO step, QLoRA r=16",
 }
-IMPLS = ("kernelrl", "eager", "trl")
+IMPLS = ("kernelrl", "eager", "trl", steps_qlora.REF)
 KEYS = {"sft": ("B", "T"), "dpo": ("P", "Tp", "Tr"), "ppo": ("B", "Tp", "Tr")}
 
 SFT_FULL = {"B": 8, "T": 512, **MODEL_FULL}
@@ -141,10 +163,10 @@ GPU_PPO_SPEEDUP = 2.0
 
 def plan(device: str, quick: bool) -> list:
     """[(case_id, shape, dtype)]: the light default (a DPO LoRA step, the one that exercises
-    the most of the loop, and a PPO LoRA iteration; seconds) or the issue's shapes (--full),
-    the same on a GPU."""
-    ids = ("dpo_lora", "ppo_lora") if quick else ("sft", "dpo", "dpo_lora", "sft_lora",
-                                                  "ppo_lora")
+    the most of the loop, a PPO LoRA iteration and an SFT QLoRA step; seconds each) or the
+    issue's shapes (--full), the same on a GPU."""
+    ids = ("dpo_lora", "ppo_lora", "sft_qlora") if quick else (
+        "sft", "dpo", "dpo_lora", "sft_lora", "ppo_lora", "sft_qlora", "dpo_qlora")
     return [(c, _shape(c, device, quick), "fp32") for c in ids]
 
 
@@ -152,9 +174,13 @@ def _base(case_id: str, quick: bool) -> dict:
     kind = case_id.split("_")[0]
     if kind == "ppo":
         return steps_ppo.QUICK if quick else steps_ppo.FULL
-    if kind == "dpo":
-        return DPO_QUICK if quick else DPO_FULL
-    return SFT_QUICK if quick else SFT_FULL
+    base = (DPO_QUICK if quick else DPO_FULL) if kind == "dpo" else (SFT_QUICK if quick else
+                                                                     SFT_FULL)
+    return steps_qlora.fit(base) if _qlora(case_id) else base
+
+
+def _qlora(case_id: str) -> bool:
+    return case_id.endswith("qlora")
 
 
 def _shape(case_id: str, device: str, quick: bool) -> dict:
@@ -227,7 +253,8 @@ def _kernelrl(case_id: str, shape: dict, device: str):
 
     lora = case_id.endswith("lora")
     model = make_trainable(llama(shape, device), lora_r=LORA_R if lora else 0,
-                           lora_alpha=LORA_ALPHA, lora_targets=",".join(LORA_TARGETS))
+                           lora_alpha=LORA_ALPHA, lora_targets=",".join(LORA_TARGETS),
+                           qlora=_qlora(case_id))
     if lora:
         init_adapters(model)
     params, out = trainable_parameters(model), trainable(model)
@@ -285,10 +312,13 @@ def _eager(case_id: str, shape: dict, device: str):
     import torch.nn.functional as F
 
     lora = case_id.endswith("lora")
-    model = llama(shape, device)
-    if lora:
-        model = peft_lora(model)
-        init_adapters(model)
+    if _qlora(case_id):                   # the bnb_peft row: the same step, a 4-bit base
+        model = steps_qlora.bnb_peft(shape, device)
+    else:
+        model = llama(shape, device)
+        if lora:
+            model = peft_lora(model)
+            init_adapters(model)
     model.train()
     out = trainable(model)
     optimizer = torch.optim.AdamW(out, lr=LR, weight_decay=0.0)
@@ -377,7 +407,7 @@ def _trl(case_id: str, shape: dict, device: str):
         logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         seed=SEED, dataloader_num_workers=0, max_length=None)
     peft_config = steps_common.peft_config() if lora else None
-    model = llama(shape, device)
+    model = (steps_qlora.bnb_model if _qlora(case_id) else llama)(shape, device)
     if sft:
         from trl import SFTTrainer
         data = Dataset.from_dict({"input_ids": rows, "labels": [[-100] + r[1:] for r in rows]})
@@ -397,6 +427,8 @@ def _trl(case_id: str, shape: dict, device: str):
                              args=DPOConfig(**common_args, beta=BETA, loss_type=["sigmoid"]),
                              train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_config)
+    if _qlora(case_id):
+        steps_qlora.adapters_fp32(trainer.model)       # TRL made them bf16 (steps_qlora.py)
     if lora:
         init_adapters(trainer.model)
     trainer.create_optimizer_and_scheduler(num_training_steps=TOTAL_STEPS)
@@ -435,7 +467,7 @@ def _check_trl_batch(inputs: dict, rows: list, sft: bool) -> None:
 # ----------------------------------------------------------------------------------------
 # The case
 # ----------------------------------------------------------------------------------------
-def _check(case_id: str, shape: dict, device: str):
+def _check(case_id: str, shape: dict, device: str, ref: str = "eager"):
     """(ref, out) -> None or why not: the losses, then the parameters after the step
     (module docstring)."""
     initial = []
@@ -449,7 +481,7 @@ def _check(case_id: str, shape: dict, device: str):
             initial.extend(p.detach().clone() for p in trainable(model))
         return initial
 
-    return lambda ref, out: compare_step(out, ref, start)
+    return lambda expected, out: compare_step(out, expected, start, who=ref)
 
 
 def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
@@ -467,16 +499,21 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
     def make_inputs(seed):
         return {"batch": _batch(shape, seed, device)}
 
+    qlora = _qlora(case_id)
+    ref = steps_qlora.REF if qlora else "eager"       # QLoRA: eager's step on bnb + PEFT
     impls = {
         "kernelrl": Impl(lambda: _kernelrl(case_id, shape, device)),
-        "eager": Impl(lambda: _eager(case_id, shape, device),
-                      skip=missing("peft") if case_id.endswith("lora") else None),
+        ref: Impl(lambda: _eager(case_id, shape, device),
+                  skip=(steps_qlora.skip() if qlora else
+                        missing("peft") if case_id.endswith("lora") else None)),
         "trl": Impl(lambda: _trl(case_id, shape, device),
-                    skip=missing("trl", "datasets", "peft")),
+                    skip=missing("trl", "datasets", "peft", *(("bitsandbytes",) if qlora
+                                                              else ()))),
     }
     return Case(bench=BENCH, case_id=case_id, case=CASE_NAMES[case_id], shape=shape,
                 dtype=dtype, make_inputs=make_inputs, impls=impls, device=device,
-                check=_check(case_id, shape, device), flops=_flops(case_id, shape))
+                check=_check(case_id, shape, device, ref), ref=ref,
+                flops=_flops(case_id, shape))
 
 
 # ----------------------------------------------------------------------------------------
@@ -521,7 +558,7 @@ def targets(rep: dict) -> list:
                           f"tokens/s at <= 1/2 of eager's peak memory", "NOT CHECKED",
                           "a CPU run: GPU targets are only judged from a GPU run"
                           + _tokens_per_s(rows, "ppo_lora")))
-        return out
+        return out + _qlora_lines(rows, "CPU")
     for case_id in ("dpo", "dpo_lora"):
         case, shape = CASE_NAMES[case_id], _target_shape(case_id)
         at = f"GPU {case} (full shape)"
@@ -541,6 +578,18 @@ def targets(rep: dict) -> list:
     out.append(memory_at_most(rows, case, shape, "fp32", "eager",
                               f"{at}: kernelrl peak memory <= 1/2 of eager's",
                               fraction=GPU_MEMORY_FRACTION))
+    return out + _qlora_lines(rows, "GPU")
+
+
+def _qlora_lines(rows: list, where: str) -> list:
+    """No target for the QLoRA rows (the issue states none): a line each that prints their
+    tokens/s at the full shape, as the table does not."""
+    out = []
+    for case_id in ("sft_qlora", "dpo_qlora"):
+        tokens = _tokens_per_s(rows, case_id).removeprefix("; ")
+        out.append(target(f"{where} {CASE_NAMES[case_id]} (full shape): no target, reported",
+                          "NOT CHECKED", "the issue states no target for these rows; "
+                          + (tokens or "no rows at the full shape in this run (--full)")))
     return out
 
 

@@ -128,16 +128,17 @@ def missing(*modules: str) -> str | None:
     return f"not installed: {', '.join(absent)} (pip install {' '.join(absent)})"
 
 
-def compare_step(out, ref, initial) -> str | None:
-    """None if the step ``out`` = (loss, *parameters after it) agrees with eager's ``ref``
-    (the same layout), else why not: the losses within LOSS_ATOL + LOSS_RTOL·|loss|, then
-    ||p - p_eager|| <= PARAM_TOL·||p_eager - p_0|| over all the parameters. ``initial()``
-    gives p_0, the parameters before the step (called only when the losses agree)."""
+def compare_step(out, ref, initial, who: str = "eager") -> str | None:
+    """None if the step ``out`` = (loss, *parameters after it) agrees with the reference
+    row ``who``'s ``ref`` (the same layout; eager's, or bnb_peft's for QLoRA), else why
+    not: the losses within LOSS_ATOL + LOSS_RTOL·|loss|, then ||p - p_ref|| <=
+    PARAM_TOL·||p_ref - p_0|| over all the parameters. ``initial()`` gives p_0, the
+    parameters before the step (called only when the losses agree)."""
     if len(out) != len(ref):
-        return f"returned {len(out) - 1} parameters, eager {len(ref) - 1}"
+        return f"returned {len(out) - 1} parameters, {who} {len(ref) - 1}"
     loss, loss_ref = out[0].item(), ref[0].item()
     if not abs(loss - loss_ref) <= LOSS_ATOL + LOSS_RTOL * abs(loss_ref):
-        return f"loss {loss:.7g} vs eager {loss_ref:.7g}"
+        return f"loss {loss:.7g} vs {who} {loss_ref:.7g}"
     for p, q in zip(out[1:], ref[1:]):
         if p.shape != q.shape:
             return f"parameter shapes differ: {tuple(p.shape)} vs {tuple(q.shape)}"
@@ -146,6 +147,6 @@ def compare_step(out, ref, initial) -> str | None:
     update = math.sqrt(sum(float((q.double() - p0.double()).pow(2).sum())
                            for q, p0 in zip(ref[1:], initial())))
     if not (math.isfinite(diff) and diff <= PARAM_TOL * update):
-        return (f"parameters after one step differ from eager's by {diff:.3g} (L2), "
-                f"more than {PARAM_TOL:g} x eager's update {update:.3g}")
+        return (f"parameters after one step differ from {who}'s by {diff:.3g} (L2), "
+                f"more than {PARAM_TOL:g} x {who}'s update {update:.3g}")
     return None

@@ -274,7 +274,7 @@ def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.
             raise ValueError("--qlora: needs --lora-r > 0 (adapters over the 4-bit base)")
         if not nf4_modules(model):
             quantize_model(model, r=0, target_modules=parse_targets(lora_targets),
-                           progress=True)
+                           progress=sys.stderr.isatty())
     if lora_r > 0:
         apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                    target_modules=parse_targets(lora_targets), adapter_name=adapter_name)

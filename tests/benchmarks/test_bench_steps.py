@@ -2,8 +2,10 @@
 kernelrl, eager torch and TRL, and one PPO iteration of kernelrl and eager, steps_ppo.py):
 it is listed, its shapes, the light cases' kernelrl and eager steps agree (and the check
 catches steps that do not), the PPO check replays eager's update on the row's own rollout
-and catches an update that differs, TRL's step agrees where TRL is installed, and its
-targets on synthetic reports."""
+and catches an update that differs, the QLoRA cases (steps_qlora.py: kernelrl's NF4 step
+against bitsandbytes + PEFT on the same 4-bit weights) agree and their check catches a
+perturbed side, TRL's step agrees where TRL is installed, and its targets on synthetic
+reports."""
 
 import importlib.util
 
@@ -28,8 +30,8 @@ def fam():
 
 
 def _light(fam, case_id):
-    """The case's light shape (the default run's size; the default plan runs dpo_lora and
-    ppo_lora)."""
+    """The case's light shape (the default run's size; the default plan runs dpo_lora,
+    ppo_lora and sft_qlora)."""
     return fam._shape(case_id, "cpu", True)
 
 
@@ -43,12 +45,16 @@ def test_listed_with_cases_and_impls(run_script):
     block = proc.stdout[proc.stdout.index("steps  (bench_steps.py)"):]
     for line in ("case sft: SFT step, full fine-tune", "case sft_lora: SFT step, LoRA r=16",
                  "case dpo: DPO step, full fine-tune", "case dpo_lora: DPO step, LoRA r=16",
-                 "case ppo_lora: PPO iteration, LoRA r=16", "impls: kernelrl, eager, trl"):
+                 "case ppo_lora: PPO iteration, LoRA r=16",
+                 "case sft_qlora: SFT step, QLoRA r=16",
+                 "case dpo_qlora: DPO step, QLoRA r=16",
+                 "impls: kernelrl, eager, trl, bnb_peft"):
         assert line in block, block
 
 
 def test_plan_shapes(fam):
-    assert [c for c, _, _ in fam.plan("cpu", True)] == ["dpo_lora", "ppo_lora"]   # default
+    assert [c for c, _, _ in fam.plan("cpu", True)] == ["dpo_lora", "ppo_lora",   # default
+                                                        "sft_qlora"]
     light = [(c, fam._shape(c, "cpu", True)) for c in ("sft", "dpo_lora", "ppo_lora")]
     assert all(shape["V"] == 8000 and shape["L"] == 2 for _, shape in light)
     assert light[0][1]["B"] == 2 and light[0][1]["T"] == 128 and light[0][1]["tok"] == 256
@@ -56,15 +62,25 @@ def test_plan_shapes(fam):
     assert {k: light[2][1][k] for k in ("B", "Tp", "Tr", "tok")} == {"B": 4, "Tp": 32,
                                                                      "Tr": 32, "tok": 256}
     full = {c: shape for c, shape, _ in fam.plan("cpu", False)}
-    assert set(full) == {"sft", "sft_lora", "dpo", "dpo_lora", "ppo_lora"}
+    assert set(full) == {"sft", "sft_lora", "dpo", "dpo_lora", "ppo_lora", "sft_qlora",
+                         "dpo_qlora"}
     for c, shape in full.items():
-        assert {k: shape[k] for k in ("H", "I", "L", "V")} == {"H": 256, "I": 688, "L": 4,
-                                                                "V": 32000}
+        # QLoRA: I a multiple of NF4's block of 64 (bitsandbytes' CPU dequantize needs it)
+        assert {k: shape[k] for k in ("H", "I", "L", "V")} == {
+            "H": 256, "I": 704 if c.endswith("qlora") else 688, "L": 4, "V": 32000}
         assert shape["thr"] >= 1
         assert shape["tok"] == {"dpo": 8192, "ppo": 1024}.get(c[:3], 4096)
     assert full["sft"]["B"] == 8 and full["sft"]["T"] == 512
     assert (full["dpo"]["P"], full["dpo"]["Tp"], full["dpo"]["Tr"]) == (8, 256, 256)
     assert (full["ppo_lora"]["B"], full["ppo_lora"]["Tp"], full["ppo_lora"]["Tr"]) == (8, 64, 64)
+    assert {k: full["sft_qlora"][k] for k in ("B", "T")} == {"B": 8, "T": 512}
+    assert {k: full["dpo_qlora"][k] for k in ("P", "Tp", "Tr")} == {"P": 8, "Tp": 256,
+                                                                    "Tr": 256}
+    light_qlora = {c: shape for c, shape, _ in fam.plan("cpu", True)}["sft_qlora"]
+    assert light_qlora["I"] == 384 and light_qlora["tok"] == 256            # light: 344 -> 384
+    assert fam._flops("sft_qlora", full["sft_qlora"]) < fam._flops("sft", full["sft_qlora"])
+    qlora = fam.make_case("sft_qlora", full["sft_qlora"], "fp32", "cpu")
+    assert set(qlora.impls) == {"kernelrl", "bnb_peft", "trl"} and qlora.ref == "bnb_peft"
     assert "thr" not in fam.plan("cuda", False)[0][1]
     # the same useful flops for every row; LoRA skips the frozen weights' gradients
     assert fam._flops("sft_lora", full["sft"]) < fam._flops("sft", full["sft"])
@@ -183,6 +199,84 @@ def test_ppo_check_catches_another_kl_coefficient(fam, ppo_case, monkeypatch):
     assert problem and ("loss" in problem or "parameters" in problem), problem
 
 
+# QLoRA cases small enough for a test (seconds): 1 layer, 1 head, I a multiple of 64.
+MODEL_TINY = {"H": 64, "I": 192, "L": 1, "V": 512}
+QLORA_TINY = {"sft_qlora": {"B": 2, "T": 16, **MODEL_TINY},
+              "dpo_qlora": {"P": 1, "Tp": 8, "Tr": 8, **MODEL_TINY}}
+needs_bnb = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("bitsandbytes", "peft")),
+    reason="bitsandbytes or peft not installed")
+
+
+@needs_bnb
+def test_qlora_rows_dequantize_to_the_same_weights(fam):
+    # bnb_peft's Linear4bit layers hold kernelrl's NF4 state: the same Ŵ bit for bit as the
+    # kernelrl row's NF4 layers, and the same unquantized weights
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from kernelrl.nn import NF4Linear
+    from kernelrl.train.common import make_trainable
+
+    shape = QLORA_TINY["sft_qlora"]
+    bnb = fam.steps_qlora.bnb_model(shape, "cpu")
+    ours = make_trainable(fam.llama(shape, "cpu"), lora_r=fam.LORA_R,
+                          lora_targets=",".join(fam.LORA_TARGETS), qlora=True)
+    layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == len(fam.LORA_TARGETS)
+    for name, m in layers:
+        w = bnb.get_submodule(name.removesuffix(".base")).weight
+        assert torch.equal(dequantize_4bit(w.data, w.quant_state), m.dequantized()), name
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert torch.equal(bnb.get_parameter(name), ours.get_parameter(name)), name
+
+
+@needs_bnb
+@pytest.mark.parametrize("case_id", ["sft_qlora", "dpo_qlora"])
+def test_qlora_check_passes_one_step_and_catches_a_perturbed_side(fam, case_id,
+                                                                  monkeypatch):
+    case = fam.make_case(case_id, dict(QLORA_TINY[case_id]), "fp32", "cpu")
+    x = case.make_inputs(0)
+    ref = _detached(case.impls["bnb_peft"].build()(x))
+    step = case.impls["kernelrl"].build()
+    once = _detached(step(x))
+    assert case.check(ref, once) is None
+    problem = case.check(ref, (once[0] + 0.01, *once[1:]))
+    assert problem and problem.startswith("loss") and "bnb_peft" in problem, problem
+    twice = _detached(step(x))           # the same live adapters, now two steps on
+    problem = case.check(ref, (once[0], *twice[1:]))
+    assert problem and "parameters after one step differ from bnb_peft's" in problem, problem
+    # bitsandbytes' side over other 4-bit weights: one layer's NF4 codes inverted
+    # (code c -> 15 - c, about -w); DPO's first loss is log 2 whatever the weights (B = 0:
+    # the policy is its reference), so there the adapters' update tells
+    build = fam.steps_qlora.bnb_model
+
+    def perturbed(shape, device):
+        model = build(shape, device)
+        model.model.layers[0].mlp.down_proj.weight.data.bitwise_not_()
+        return model
+
+    monkeypatch.setattr(fam.steps_qlora, "bnb_model", perturbed)
+    other = _detached(case.impls["bnb_peft"].build()(x))
+    problem = case.check(other, once)
+    assert problem and ("loss" in problem or "parameters" in problem), problem
+
+
+@needs_bnb
+def test_qlora_case_checked_and_timed(fam):
+    # run.py's path at a tiny shape: checked against bnb_peft (the case's reference), then
+    # timed; TRL's row (its adapters cast back to fp32) agrees too where TRL is installed
+    case = fam.make_case("sft_qlora", dict(QLORA_TINY["sft_qlora"], tok=32, thr=2), "fp32",
+                         "cpu")
+    rows = {r["impl"]: r for r in common.run_case(case, reps=1, measure_memory=False)}
+    assert set(rows) == {"kernelrl", "bnb_peft", "trl"}
+    for impl, r in rows.items():
+        if impl == "trl" and importlib.util.find_spec("trl") is None:
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["tflops"] > 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
 @pytest.mark.parametrize("case_id", ["sft", "dpo_lora"])
 def test_trl_step_agrees_with_eager(fam, case_id):
@@ -218,6 +312,9 @@ def test_cpu_targets_on_a_synthetic_report(fam):
         # PPO: no CPU target; its tokens/s is printed on the GPU target's line
         _row(fam, "ppo_lora", "kernelrl", 4000.0, 300 * MiB),
         _row(fam, "ppo_lora", "eager", 8000.0, 700 * MiB),
+        # QLoRA: no target, its tokens/s printed on a line of its own
+        _row(fam, "sft_qlora", "kernelrl", 2000.0, 300 * MiB),
+        _row(fam, "sft_qlora", "bnb_peft", 4000.0, 600 * MiB),
     ]
     rep = report.build_report(ENV, CEILINGS, rows)
     got = {t["target"]: t for t in fam.targets(rep)}
@@ -246,7 +343,12 @@ def test_cpu_targets_on_a_synthetic_report(fam):
     assert "2x eager's tokens/s" in ppo["target"], ppo
     # 1024 tokens in 4 s and 8 s
     assert "tokens/s: kernelrl 256, eager 128" in ppo["detail"], ppo
-    assert len(got) == 10
+    qlora = [t for k, t in got.items() if "QLoRA" in k]
+    assert [t["status"] for t in qlora] == ["NOT CHECKED"] * 2
+    assert all("no target" in t["target"] for t in qlora)
+    assert "tokens/s: kernelrl 2,048, bnb_peft 1,024" in qlora[0]["detail"], qlora
+    assert "no rows at the full shape" in qlora[1]["detail"], qlora
+    assert len(got) == 12
 
 
 def test_gpu_targets_on_a_synthetic_report(fam):
@@ -261,7 +363,8 @@ def test_gpu_targets_on_a_synthetic_report(fam):
         r["shape"].pop("thr")
     rep = report.build_report(dict(ENV, device_kind="cuda"), CEILINGS, rows)
     got = {t["target"]: t["status"] for t in fam.targets(rep)}
-    assert len(got) == 6 and not any(k.startswith("CPU") for k in got)
+    assert len(got) == 8 and not any(k.startswith("CPU") for k in got)
+    assert sum("QLoRA" in k and "no target" in k for k in got) == 2
     full, lora = fam.CASE_NAMES["dpo"], fam.CASE_NAMES["dpo_lora"]
     assert got[f"GPU {full} (full shape): kernelrl >= 1.5x TRL's tokens/s"] == "MET"
     assert got[f"GPU {full} (full shape): kernelrl peak memory <= 1/2 of TRL's"] == "MET"
