@@ -244,6 +244,20 @@ class AdapterHost:
     lora: LoRAAdapters
     base: nn.Module
 
+    def _hold(self, base: nn.Module, r: int | None, alpha: float | None, dropout: float,
+              adapter_name: str, use_rslora: bool, dtype: torch.dtype) -> None:
+        """Freeze ``base``, hold it with an empty ``LoRAAdapters`` and, with ``r``, add
+        adapter ``adapter_name`` (alpha defaults to r) and make it active."""
+        if r is None and alpha is not None:
+            raise ValueError(f"alpha: given ({alpha!r}) without r; pass r to add an adapter")
+        base.requires_grad_(False)
+        self.base = base
+        self.lora = LoRAAdapters(base.in_features, base.out_features)
+        if r is not None:
+            self.add_adapter(adapter_name, r, alpha if alpha is not None else r, dropout,
+                             use_rslora=use_rslora, dtype=dtype)
+            self.lora.set_active(adapter_name)
+
     def _adapter_device(self) -> torch.device:
         for t in itertools.chain(self.base.parameters(), self.base.buffers()):
             return t.device
@@ -303,15 +317,7 @@ class LoRALinear(AdapterHost, nn.Module):
         if base.weight.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"base: expected a weight dtype in "
                              f"{[_dt(d) for d in _FLOAT_DTYPES]}, got {base.weight.dtype}")
-        if r is None and alpha is not None:
-            raise ValueError(f"alpha: given ({alpha!r}) without r; pass r to add an adapter")
-        base.requires_grad_(False)
-        self.base = base
-        self.lora = LoRAAdapters(base.in_features, base.out_features)
-        if r is not None:
-            self.add_adapter(adapter_name, r, alpha if alpha is not None else r, dropout,
-                             use_rslora=use_rslora, dtype=dtype)
-            self.lora.set_active(adapter_name)
+        self._hold(base, r, alpha, dropout, adapter_name, use_rslora, dtype)
 
     # The attributes code written for nn.Linear reads.
     @property

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernelrl.nn.lora import AdapterHost, LoRAAdapters
+from kernelrl.nn.lora import AdapterHost
 from kernelrl.ops import NF4Weight, nf4_dequantize, nf4_linear, nf4_quantize
 
 _BUFFERS = ("data", "absmax", "nested_absmax", "nested_code", "code")
@@ -155,15 +155,7 @@ class NF4LoRALinear(AdapterHost, nn.Module):
         super().__init__()
         if not isinstance(base, NF4Linear):
             raise ValueError(f"base: expected an NF4Linear, got {type(base).__name__}")
-        if r is None and alpha is not None:
-            raise ValueError(f"alpha: given ({alpha!r}) without r; pass r to add an adapter")
-        base.requires_grad_(False)
-        self.base = base
-        self.lora = LoRAAdapters(base.in_features, base.out_features)
-        if r is not None:
-            self.add_adapter(adapter_name, r, alpha if alpha is not None else r, dropout,
-                             use_rslora=use_rslora, dtype=dtype)
-            self.lora.set_active(adapter_name)
+        self._hold(base, r, alpha, dropout, adapter_name, use_rslora, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 16, alpha: float = 16,

@@ -71,3 +71,16 @@ def check_labels_in_range(name: str, labels: torch.Tensor, vocab: int, ignore_in
         first = labels[bad][0].item()  # host sync: debug mode only
         raise ValueError(f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}, "
                          f"got {first} ({int(bad.sum().item())} such labels)")  # host sync: debug
+
+
+def check_triton_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    """A Triton launcher's operand: on ``device`` (when given) and on CUDA, or on the CPU
+    under the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    from kernelrl.backend import triton_interpret
+
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    if t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret()):
+        return
+    raise ValueError(f"{name}: expected a CUDA tensor (CPU tensors run only under "
+                     f"TRITON_INTERPRET=1), got one on {t.device}")

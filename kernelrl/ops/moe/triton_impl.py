@@ -43,7 +43,7 @@ import torch
 import triton
 
 from kernelrl import backend as _backend
-from kernelrl.ops._checks import KERNEL_DTYPES, check_tensor
+from kernelrl.ops._checks import KERNEL_DTYPES, check_tensor, check_triton_device
 from kernelrl.ops.moe.triton_combine import _moe_combine_bwd_kernel, _moe_combine_kernel
 from kernelrl.ops.moe.triton_gemm import (_moe_gate_up_bwd_kernel, _moe_gate_up_kernel,
                                           _moe_grouped_gemm_kernel, _moe_wgrad_kernel)
@@ -137,13 +137,6 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
-    if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
-    if t.device.type == "cuda" or (t.device.type == "cpu" and _backend.triton_interpret()):
-        return
-    raise ValueError(f"{name}: expected a CUDA tensor (CPU tensors run only under "
-                     f"TRITON_INTERPRET=1), got one on {t.device}")
 
 
 def _float(name: str, t, shape: tuple, device: torch.device | None = None) -> torch.Tensor:
@@ -152,7 +145,7 @@ def _float(name: str, t, shape: tuple, device: torch.device | None = None) -> to
     if any(want is not None and got != want for got, want in zip(t.shape, shape)):
         expected = ", ".join("*" if want is None else str(want) for want in shape)
         raise ValueError(f"{name}: expected shape ({expected}), got {tuple(t.shape)}")
-    _check_device(name, t, device)
+    check_triton_device(name, t, device)
     return t
 
 
@@ -163,7 +156,7 @@ def _index(name: str, t, length: int, device: torch.device) -> None:
         raise ValueError(f"{name}: expected shape ({length},), got {tuple(t.shape)}")
     if t.stride(0) != 1 and length > 1:
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
-    _check_device(name, t, device)
+    check_triton_device(name, t, device)
 
 
 def _same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, other: str) -> None:
@@ -215,7 +208,7 @@ def permute(experts: torch.Tensor, num_experts: int):
     """(order, offsets, position) of the stable counting sort of the slots by expert:
     experts [N, K] any integer dtype and strides, 1 <= K <= 8, ids in [0, num_experts)."""
     check_tensor("experts", experts, dtypes=_INDEX_DTYPES, ndim=2)
-    _check_device("experts", experts)
+    check_triton_device("experts", experts)
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts: expected a Python int >= 1, got {num_experts!r}")
     N, K = experts.shape

@@ -52,7 +52,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from kernelrl import backend as _backend
-from kernelrl.ops._checks import KERNEL_DTYPES
+from kernelrl.ops._checks import KERNEL_DTYPES, check_triton_device
 from kernelrl.ops._triton_utils import downcast
 from kernelrl.ops.nf4.format import NESTED_BLOCKSIZE, NF4Weight
 
@@ -394,13 +394,6 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
-    if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
-    if t.device.type == "cuda" or (t.device.type == "cpu" and _backend.triton_interpret()):
-        return
-    raise ValueError(f"{name}: expected a CUDA tensor (CPU tensors run only under "
-                     f"TRITON_INTERPRET=1), got one on {t.device}")
 
 
 def _check_2d(name: str, t, shape: tuple, dtypes: tuple, device: torch.device) -> None:
@@ -411,7 +404,7 @@ def _check_2d(name: str, t, shape: tuple, dtypes: tuple, device: torch.device) -
                          f"got {_dt(t.dtype)}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    _check_device(name, t, device)
+    check_triton_device(name, t, device)
 
 
 def _weight_operands(qweight, device: torch.device) -> tuple:
@@ -430,7 +423,7 @@ def _weight_operands(qweight, device: torch.device) -> tuple:
         tensors += [("qweight.nested_absmax", qweight.nested_absmax),
                     ("qweight.nested_code", qweight.nested_code)]
     for name, t in tensors:
-        _check_device(name, t, device)
+        check_triton_device(name, t, device)
         if not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
     if qweight.code.dtype != torch.float32:
@@ -461,7 +454,7 @@ def dequant_matmul(a: torch.Tensor, qweight: NF4Weight, *, transpose_w: bool, bi
     if a.dtype not in KERNEL_DTYPES:
         raise ValueError(f"a: expected dtype in ({', '.join(_dt(d) for d in KERNEL_DTYPES)}), "
                          f"got {_dt(a.dtype)}")
-    _check_device("a", a)
+    check_triton_device("a", a)
     N, K, wts, offset = _weight_operands(qweight, a.device)
     M = a.shape[0]
     Q, P = (K, N) if transpose_w else (N, K)
@@ -475,7 +468,7 @@ def dequant_matmul(a: torch.Tensor, qweight: NF4Weight, *, transpose_w: bool, bi
                              f"bfloat16), got {getattr(bias, 'dtype', type(bias).__name__)}")
         if tuple(bias.shape) != (P,):
             raise ValueError(f"bias: expected shape ({P},), got {tuple(bias.shape)}")
-        _check_device("bias", bias, a.device)
+        check_triton_device("bias", bias, a.device)
         bias = bias.contiguous()
     if (lora_left is None) != (lora_right is None):
         raise ValueError(f"lora_left, lora_right: expected both or neither, got "
@@ -534,7 +527,7 @@ def gemv(x2d: torch.Tensor, qweight: NF4Weight, *,
     if x2d.dtype not in KERNEL_DTYPES:
         raise ValueError(f"x2d: expected dtype in ({', '.join(_dt(d) for d in KERNEL_DTYPES)}), "
                          f"got {_dt(x2d.dtype)}")
-    _check_device("x2d", x2d)
+    check_triton_device("x2d", x2d)
     N, K, wts, offset = _weight_operands(qweight, x2d.device)
     M = x2d.shape[0]
     if not 1 <= M <= GEMV_MAX_ROWS:
