@@ -59,8 +59,10 @@ PYBIND11_MODULE(_native, m) {
 #endif
 
   m.def("cpu_isa", [] { return std::string(kernelrl::cpu_isa_name(kernelrl::cpu_isa())); },
-        "Instruction set the CPU kernels use now: 'avx2' or 'generic' "
-        "(KERNELRL_CPU_ISA=generic forces the baseline path).");
+        "Instruction set the CPU kernels of every family but nf4 use now: 'avx2' or "
+        "'generic'. The nf4 kernels also have AVX-512 variants; nf4_cpu_isa() gives their "
+        "level: 'avx512', 'avx2' or 'generic'. KERNELRL_CPU_ISA=generic forces the baseline "
+        "path, =avx2 caps the level at AVX2.");
   m.def("get_num_threads", &kernelrl::cpu_num_threads,
         "OpenMP threads the CPU kernels use (1 without OpenMP).");
   m.def("set_num_threads", &kernelrl::cpu_set_num_threads, arg("n"),

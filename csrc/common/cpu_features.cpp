@@ -17,8 +17,15 @@ CpuIsa cpu_isa_supported() {
 #if defined(__x86_64__) || defined(__i386__)
   static const CpuIsa isa = [] {
     __builtin_cpu_init();
-    return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? CpuIsa::kAvx2
-                                                                             : CpuIsa::kGeneric;
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
+      return CpuIsa::kGeneric;
+    }
+    // libgcc's checks include the OS's support for the zmm state (XCR0).
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+      return CpuIsa::kAvx512;
+    }
+    return CpuIsa::kAvx2;
   }();
   return isa;
 #else
@@ -26,14 +33,41 @@ CpuIsa cpu_isa_supported() {
 #endif
 }
 
-CpuIsa cpu_isa() {
+CpuIsa cpu_isa_level() {
   const CpuIsa best = cpu_isa_supported();
   const char* env = std::getenv("KERNELRL_CPU_ISA");
   if (env != nullptr && std::strcmp(env, "generic") == 0) return CpuIsa::kGeneric;
+  if (env != nullptr && std::strcmp(env, "avx2") == 0 && best > CpuIsa::kAvx2) {
+    return CpuIsa::kAvx2;
+  }
   return best;
 }
 
-const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "generic"; }
+CpuIsa cpu_isa() {
+  const CpuIsa level = cpu_isa_level();
+  return level > CpuIsa::kAvx2 ? CpuIsa::kAvx2 : level;
+}
+
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return cpu_isa_supported() == CpuIsa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  }();
+  return bf16 && cpu_isa_level() == CpuIsa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kGeneric: break;
+  }
+  return "generic";
+}
 
 // 0 = not set: the OpenMP default (OMP_NUM_THREADS, else one per core) as seen at first use.
 static std::atomic<int> g_num_threads{0};

@@ -77,9 +77,9 @@ def nf4_quantize(weight: torch.Tensor, *, blocksize: int = 64,
     scaled by its absmax, rounded to the nearest NF4 code; with ``double_quant`` (the
     default) the absmax are quantized to 8 bits in blocks of 256.
 
-    On CPU the native C++ kernel does the NF4 part (reading 16-bit weights directly, so no
-    float32 copy of the weight is made); elsewhere a torch path that works a few million
-    elements at a time."""
+    On CPU the native C++ kernels do it (reading 16-bit weights directly, so no float32
+    copy of the weight is made); elsewhere a torch path that works a few million elements
+    at a time. Both give the same bytes."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"nf4_quantize: weight must be a tensor, got {type(weight).__name__}")
     if weight.dtype not in DTYPES:
@@ -89,13 +89,14 @@ def nf4_quantize(weight: torch.Tensor, *, blocksize: int = 64,
         raise ValueError(f"nf4_quantize: weight is empty (shape {tuple(weight.shape)})")
     check_blocksize(blocksize)
     w = weight.detach()
-    if _use_native(w.device):
+    native = _use_native(w.device)
+    if native:
         data, absmax = _native().quantize(w.contiguous(), blocksize)
     else:
         data, absmax = quantize_reference(w, blocksize)
     if not double_quant:
         return NF4Weight(data, absmax, w.shape, w.dtype, blocksize)
-    codes, nested, offset = double_quantize(absmax)
+    codes, nested, offset = (_native().double_quantize if native else double_quantize)(absmax)
     return NF4Weight(data, codes, w.shape, w.dtype, blocksize, nested,
                      dynamic_map().to(w.device), offset)
 
