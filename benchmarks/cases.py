@@ -35,6 +35,9 @@ LEGEND = {
     "torch_chunked": "torch's F.linear_cross_entropy",
     "liger": "Liger-Kernel",
     "trl": "TRL's SFTTrainer / DPOTrainer step",
+    # two families have a dense row (bench_nf4, bench_moe); the legend is one line per run
+    "dense": "the dense bf16 ceiling (nf4: F.linear on the dequantized weight; moe: plain "
+             "GEMMs of the routed work's FLOPs)",
 }
 
 

@@ -7,7 +7,7 @@
 #      writes the user's tuned file, so the benchmarks' plain "kernelrl" row below is what
 #      dispatch picks after `kernelrl tune` (kernelrl[native], kernelrl[triton] and
 #      kernelrl[torch] are each backend forced);
-#   4. run every benchmark family (advantages, logprobs, nf4, ppo_loss, steps: every
+#   4. run every benchmark family (advantages, logprobs, moe, nf4, ppo_loss, steps: every
 #      benchmarks/bench_<family>.py) at the target shapes, in two passes so that the fast one
 #      comes back first: every implementation but torch.compile, then torch.compile (whose
 #      first compile of a long unrolled loop can take minutes); merged into one JSON,
@@ -23,7 +23,8 @@
 # pytest arguments), and time limits in seconds per stage: INSTALL_TIMEOUT (300),
 # TESTS_TIMEOUT (1200), TUNE_TIMEOUT (600), BENCH_TIMEOUT (900, each pass). Wheels placed in
 # .whl/ (for example liger-kernel, to compare against Liger; bitsandbytes and peft for the
-# nf4 family's bnb, bnb_linear4bit and bnb_peft rows) are installed offline first.
+# nf4 family's bnb, bnb_linear4bit and bnb_peft rows) are installed offline first. The moe
+# family's hf_eager and hf_grouped_mm rows need transformers 5 (MixtralExperts).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -126,6 +127,7 @@ bench_pass() {  # bench_pass NAME JSON IMPLS [FAMILY...]: one run.py --full pass
 parts=()
 KERNEL_IMPLS="kernelrl,kernelrl[native],kernelrl[triton],kernelrl[torch],eager,torch_chunked,liger"
 KERNEL_IMPLS+=",dense,bnb,bnb_linear4bit,bnb_peft"   # the nf4 family's peers
+KERNEL_IMPLS+=",hf_eager,hf_grouped_mm,einsum"      # the moe family's (dense too)
 if bench_pass kernels "$WORK/bench-kernels.json" "$KERNEL_IMPLS"; then
   parts+=("$WORK/bench-kernels.json")
   cp "$WORK/bench-kernels.json" "$RESULT"; save "$RESULT"
