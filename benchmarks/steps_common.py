@@ -1,7 +1,9 @@
-"""What the cases of the steps family (bench_steps.py: SFT and DPO; steps_ppo.py: PPO) share:
-the model and its settings, LoRA adapters that start the same under kernelrl's LoRA and
-PEFT, one naming of the trainable parameters across both, the CPU thread pinning, and the
-check's comparison of one row's step with eager's.
+"""What the cases of the steps family (bench_steps.py: SFT and DPO; steps_ppo.py: PPO;
+steps_qlora.py: QLoRA; steps_moe.py: MoE) share: the model and its settings, LoRA adapters
+that start the same under kernelrl's LoRA and PEFT, one naming of the trainable parameters
+across both, the rows' loss and optimizer-step pieces (kernelrl: the trainers' calls;
+eager: plain torch), TRL's word-level tokenizer, the CPU thread pinning, and the check's
+comparison of one row's step with eager's.
 
 Shape keys: H hidden, I MLP width, L layers (H/64 heads, as many KV heads), V vocabulary;
 the sequence length is T (SFT) or Tp + Tr (prompt + response: DPO, PPO).
@@ -93,6 +95,115 @@ def init_adapters(model, b_scale: float = 0.0) -> None:
         bound = (1.0 if key.endswith(".A") else b_scale) / math.sqrt(p.shape[1])
         with torch.no_grad():
             p.copy_((torch.rand(p.shape, generator=g) * 2 - 1).mul_(bound))
+
+
+def kernelrl_finish(model):
+    """``finish(loss, *logged)``: the end of a kernelrl row's step as the trainers run it
+    (kernelrl/train/sft.py, dpo.py): backward, clip_gradients (MAX_GRAD_NORM), the step's
+    one host sync (the loss, the logged values, the norm), AdamW step (build_optimizer, LR),
+    warmup_cosine scheduler step, zero_grad; returns (loss, *trainable(model))."""
+    import torch
+    from kernelrl.train.common import (build_optimizer, clip_gradients, trainable_parameters,
+                                       warmup_cosine)
+
+    params, out = trainable_parameters(model), trainable(model)
+    optimizer = build_optimizer(model, lr=LR)
+    scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=TOTAL_STEPS)
+
+    def finish(loss, *logged):
+        loss.backward()
+        norm = clip_gradients(params, MAX_GRAD_NORM)
+        torch.stack([loss.detach(), *logged, norm.float()]).tolist()    # the one host sync
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return (loss.detach().reshape(1), *out)
+
+    return finish
+
+
+def kernelrl_sft_loss(model, batch):
+    """The SFT trainer's loss of a step of one micro-batch (kernelrl/train/sft.py):
+    -token_logprobs(..., reduction="sum") / N, N the batch's label tokens."""
+    from kernelrl.models.logprobs import token_logprobs
+
+    inputs = batch.model_inputs(mask="position_ids")
+    return -token_logprobs(model, batch.input_ids, inputs["attention_mask"], batch.labels,
+                           position_ids=batch.position_ids,
+                           reduction="sum") / max(batch.num_label_tokens, 1)
+
+
+def eager_finish(model):
+    """``finish(loss)``: the end of an eager row's step: backward, clip_grad_norm_
+    (MAX_GRAD_NORM), torch AdamW step (LR, no weight decay), zero_grad; returns (loss,
+    *trainable(model))."""
+    import torch
+
+    out = trainable(model)
+    optimizer = torch.optim.AdamW(out, lr=LR, weight_decay=0.0)
+
+    def finish(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(out, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return (loss.detach().reshape(1), *out)
+
+    return finish
+
+
+def logits_logps(logits, labels):
+    """([B, T-1] log-probs of the next tokens from the full logits [B, T, V], 0 where not
+    scored; the scored mask): log_softmax and gather, as an eager user writes it."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+    return logp.squeeze(-1) * mask, mask
+
+
+def eager_token_logps(model, input_ids, attention_mask, labels):
+    """``logits_logps`` of ``model``'s full logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits_logps(logits, labels)
+
+
+def eager_sft_loss(logits, labels):
+    """The masked mean token NLL from the full logits."""
+    logp, mask = logits_logps(logits, labels)
+    return -logp.sum() / mask.sum()
+
+
+def initial_parameters(build):
+    """p_0 for ``compare_step``: a function giving ``trainable(build())``'s values, the
+    model built and copied at its first call only."""
+    got = []
+
+    def get():
+        if not got:
+            got.extend(p.detach().clone() for p in trainable(build()))
+        return got
+
+    return get
+
+
+SPECIAL = {PAD: "<pad>", EOS: "</s>", 2: "<unk>"}
+
+
+def word(i: int) -> str:
+    return SPECIAL.get(i, f"t{i}")
+
+
+def word_tokenizer(vocab: int):
+    """TRL's tokenizer: token id i is the word 't<i>' (0, 1, 2: <pad>, </s>, <unk>; special
+    words are matched anywhere in a text, so none may be the prefix of another): text of
+    such words tokenizes back to exactly the ids it was written from."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({word(i): i for i in range(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=word(PAD),
+                                   eos_token=word(EOS), unk_token="<unk>")
 
 
 def draw_ids(g, n: int, vocab: int) -> list:

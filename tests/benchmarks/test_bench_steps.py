@@ -4,8 +4,10 @@ it is listed, its shapes, the light cases' kernelrl and eager steps agree (and t
 catches steps that do not), the PPO check replays eager's update on the row's own rollout
 and catches an update that differs, the QLoRA cases (steps_qlora.py: kernelrl's NF4 step
 against bitsandbytes + PEFT on the same 4-bit weights) agree and their check catches a
-perturbed side, TRL's step agrees where TRL is installed, and its targets on synthetic
-reports."""
+perturbed side, the MoE case (steps_moe.py: kernelrl's SFT step on a patched Mixtral with
+the router aux loss against the unpatched model) agrees, routes alike on both sides with no
+near-tie, and its check catches a perturbed side, TRL's step agrees where TRL is installed,
+and its targets on synthetic reports."""
 
 import importlib.util
 
@@ -48,6 +50,7 @@ def test_listed_with_cases_and_impls(run_script):
                  "case ppo_lora: PPO iteration, LoRA r=16",
                  "case sft_qlora: SFT step, QLoRA r=16",
                  "case dpo_qlora: DPO step, QLoRA r=16",
+                 "case sft_moe: SFT step, MoE full fine-tune",
                  "impls: kernelrl, eager, trl, bnb_peft"):
         assert line in block, block
 
@@ -63,17 +66,30 @@ def test_plan_shapes(fam):
                                                                      "Tr": 32, "tok": 256}
     full = {c: shape for c, shape, _ in fam.plan("cpu", False)}
     assert set(full) == {"sft", "sft_lora", "dpo", "dpo_lora", "ppo_lora", "sft_qlora",
-                         "dpo_qlora"}
+                         "dpo_qlora", "sft_moe"}
     for c, shape in full.items():
-        # QLoRA: I a multiple of NF4's block of 64 (bitsandbytes' CPU dequantize needs it)
+        # QLoRA: I a multiple of NF4's block of 64 (bitsandbytes' CPU dequantize needs it);
+        # MoE: 8 experts of I = 512, 2 per token
         assert {k: shape[k] for k in ("H", "I", "L", "V")} == {
-            "H": 256, "I": 704 if c.endswith("qlora") else 688, "L": 4, "V": 32000}
+            "H": 256, "I": 704 if c.endswith("qlora") else 512 if c == "sft_moe" else 688,
+            "L": 4, "V": 32000}
         assert shape["thr"] >= 1
         assert shape["tok"] == {"dpo": 8192, "ppo": 1024}.get(c[:3], 4096)
     assert full["sft"]["B"] == 8 and full["sft"]["T"] == 512
     assert (full["dpo"]["P"], full["dpo"]["Tp"], full["dpo"]["Tr"]) == (8, 256, 256)
     assert (full["ppo_lora"]["B"], full["ppo_lora"]["Tp"], full["ppo_lora"]["Tr"]) == (8, 64, 64)
     assert {k: full["sft_qlora"][k] for k in ("B", "T")} == {"B": 8, "T": 512}
+    assert {k: full["sft_moe"][k] for k in ("B", "T", "E", "K")} == {"B": 8, "T": 512, "E": 8,
+                                                                    "K": 2}
+    light_moe = fam._shape("sft_moe", "cpu", True)            # not in the default plan
+    assert {k: light_moe[k] for k in ("H", "I", "L", "E", "K", "V", "tok")} == {
+        "H": 128, "I": 256, "L": 2, "E": 8, "K": 2, "V": 8000, "tok": 256}
+    # two experts of 512 per token and a router: more than the dense MLP of 688
+    assert fam._flops("sft_moe", full["sft_moe"]) > fam._flops("sft", full["sft"])
+    moe = fam.make_case("sft_moe", full["sft_moe"], "fp32", "cpu")
+    assert set(moe.impls) == {"kernelrl", "eager", "trl"} and moe.ref == "eager"
+    with pytest.raises(ValueError, match="E experts"):
+        fam.make_case("sft_moe", full["sft"], "fp32", "cpu")
     assert {k: full["dpo_qlora"][k] for k in ("P", "Tp", "Tr")} == {"P": 8, "Tp": 256,
                                                                     "Tr": 256}
     light_qlora = {c: shape for c, shape, _ in fam.plan("cpu", True)}["sft_qlora"]
@@ -277,6 +293,97 @@ def test_qlora_case_checked_and_timed(fam):
         assert r["median_ms"] > 0 and r["tflops"] > 0
 
 
+# An MoE step small enough for a test (seconds): Mixtral of 2 layers, 1 head, 8 experts of
+# 128, top-2; its routing at seed 0 has no near-tie (smallest gap 7e-4).
+MOE_TINY = {"B": 2, "T": 32, "H": 64, "I": 128, "L": 2, "E": 8, "K": 2, "V": 512}
+
+
+@pytest.fixture(scope="module")
+def moe_case(fam):
+    """The tiny MoE case, its inputs, eager's step (ref) and kernelrl's one step (once)."""
+    case = fam.make_case("sft_moe", dict(MOE_TINY), "fp32", "cpu")
+    x = case.make_inputs(0)
+    ref = _detached(case.impls["eager"].build()(x))
+    step = case.impls["kernelrl"].build()
+    return case, x, ref, step, _detached(step(x))
+
+
+def test_moe_check_passes_one_step_and_catches_a_perturbed_side(fam, moe_case,
+                                                               monkeypatch):
+    case, x, ref, step, once = moe_case
+    assert case.check(ref, once) is None
+    problem = case.check(ref, (once[0] + 0.01, *once[1:]))
+    assert problem and problem.startswith("loss"), problem
+    # the parameters are all of the model's: experts and routers too
+    names = sorted(fam.steps_common.canonical(n) for n, _ in
+                   fam.steps_moe.mixtral(MOE_TINY, "cpu").named_parameters())
+    assert len(once) == 1 + len(names)
+    assert sum(n.endswith("mlp.gate.weight") for n in names) == MOE_TINY["L"]
+    # kernelrl's side without the router aux loss: the loss is short of c·aux (c = 0.02)
+    from kernelrl.train.common import RouterAux
+    monkeypatch.setattr(RouterAux, "add", lambda self, loss, stats, **kw: (loss, stats))
+    no_aux = _detached(case.impls["kernelrl"].build()(x))
+    monkeypatch.undo()
+    problem = case.check(ref, no_aux)
+    assert problem and problem.startswith("loss"), problem
+    assert 0.02 < ref[0].item() - no_aux[0].item() < 0.1          # 0.02 x aux, aux ~ K
+    # eager's side with another coefficient (its config's router_aux_loss_coef)
+    monkeypatch.setattr(fam.steps_moe, "AUX_COEF", 0.2)
+    other = _detached(case.impls["eager"].build()(x))
+    monkeypatch.undo()
+    problem = case.check(other, once)
+    assert problem and problem.startswith("loss"), problem
+    # the router's weights after the step follow the aux term: a kernelrl step whose aux
+    # loss is off and whose NLL is shifted to eager's moves the routers elsewhere
+    problem = case.check(ref, (ref[0], *no_aux[1:]))
+    assert problem and "parameters after one step differ" in problem, problem
+    twice = _detached(step(x))           # the same live parameters, now two steps on
+    problem = case.check(ref, (once[0], *twice[1:]))
+    assert problem and "parameters after one step differ" in problem, problem
+
+
+def test_moe_routing_alike_and_near_ties_refused(fam, moe_case, monkeypatch):
+    case, x, ref, _, once = moe_case
+    moe = fam.steps_moe
+    seen = moe.routing(moe.mixtral(MOE_TINY, "cpu"), x["batch"], MOE_TINY["K"], "cpu")
+    assert seen["same"] and seen["diff"] < 1e-7 and seen["gap"] > 100 * moe.ROUTING_GAP
+    # the check refuses to judge a step whose routing could flip by rounding
+    monkeypatch.setattr(moe, "ROUTING_GAP", 1.0)
+    check = fam.make_case("sft_moe", dict(MOE_TINY), "fp32", "cpu").check
+    problem = check(ref, once)
+    assert problem and problem.startswith("near-tie in routing"), problem
+    monkeypatch.undo()
+    # ... or whose sides route differently
+    monkeypatch.setattr(moe, "routing", lambda *a: dict(seen, same=False))
+    check = fam.make_case("sft_moe", dict(MOE_TINY), "fp32", "cpu").check
+    problem = check(ref, once)
+    assert problem and problem.startswith("routing differs"), problem
+
+
+def test_moe_light_shape_has_no_near_tie(fam):
+    # the light shape's batch, routed by the initial model: the same experts on both sides,
+    # bit-equal router logits, and the smallest K-th to (K+1)-th gap far from a tie
+    shape = fam._shape("sft_moe", "cpu", True)
+    moe = fam.steps_moe
+    seen = moe.routing(moe.mixtral(shape, "cpu"), fam._batch(shape, 0, "cpu"), shape["K"],
+                       "cpu")
+    assert seen["same"] and seen["diff"] == 0.0 and seen["gap"] > 100 * moe.ROUTING_GAP
+
+
+def test_moe_case_checked_and_timed(fam):
+    # run.py's path at the tiny shape: checked against eager, then timed; TRL's SFTTrainer
+    # (which adds the config's router aux loss itself) agrees too where TRL is installed
+    case = fam.make_case("sft_moe", dict(MOE_TINY, tok=64, thr=2), "fp32", "cpu")
+    rows = {r["impl"]: r for r in common.run_case(case, reps=1, measure_memory=False)}
+    assert set(rows) == {"kernelrl", "eager", "trl"}
+    for impl, r in rows.items():
+        if impl == "trl" and importlib.util.find_spec("trl") is None:
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["tflops"] > 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
 @pytest.mark.parametrize("case_id", ["sft", "dpo_lora"])
 def test_trl_step_agrees_with_eager(fam, case_id):
@@ -315,6 +422,10 @@ def test_cpu_targets_on_a_synthetic_report(fam):
         # QLoRA: no target, its tokens/s printed on a line of its own
         _row(fam, "sft_qlora", "kernelrl", 2000.0, 300 * MiB),
         _row(fam, "sft_qlora", "bnb_peft", 4000.0, 600 * MiB),
+        # MoE: no target either
+        _row(fam, "sft_moe", "kernelrl", 4000.0, 900 * MiB),
+        _row(fam, "sft_moe", "eager", 5000.0, 1800 * MiB),
+        _row(fam, "sft_moe", "trl", 8000.0, 2000 * MiB),
     ]
     rep = report.build_report(ENV, CEILINGS, rows)
     got = {t["target"]: t for t in fam.targets(rep)}
@@ -348,7 +459,11 @@ def test_cpu_targets_on_a_synthetic_report(fam):
     assert all("no target" in t["target"] for t in qlora)
     assert "tokens/s: kernelrl 2,048, bnb_peft 1,024" in qlora[0]["detail"], qlora
     assert "no rows at the full shape" in qlora[1]["detail"], qlora
-    assert len(got) == 12
+    [moe] = [t for k, t in got.items() if fam.CASE_NAMES["sft_moe"] in k]
+    assert moe["status"] == "NOT CHECKED" and "no target" in moe["target"], moe
+    # 4096 tokens in 4 s, 5 s and 8 s
+    assert "tokens/s: kernelrl 1,024, eager 819, trl 512" in moe["detail"], moe
+    assert len(got) == 13
 
 
 def test_gpu_targets_on_a_synthetic_report(fam):
@@ -363,8 +478,9 @@ def test_gpu_targets_on_a_synthetic_report(fam):
         r["shape"].pop("thr")
     rep = report.build_report(dict(ENV, device_kind="cuda"), CEILINGS, rows)
     got = {t["target"]: t["status"] for t in fam.targets(rep)}
-    assert len(got) == 8 and not any(k.startswith("CPU") for k in got)
+    assert len(got) == 9 and not any(k.startswith("CPU") for k in got)
     assert sum("QLoRA" in k and "no target" in k for k in got) == 2
+    assert sum("MoE" in k and "no target" in k for k in got) == 1
     full, lora = fam.CASE_NAMES["dpo"], fam.CASE_NAMES["dpo_lora"]
     assert got[f"GPU {full} (full shape): kernelrl >= 1.5x TRL's tokens/s"] == "MET"
     assert got[f"GPU {full} (full shape): kernelrl peak memory <= 1/2 of TRL's"] == "MET"
