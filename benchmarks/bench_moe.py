@@ -121,7 +121,8 @@ import common  # noqa: E402
 import progress  # noqa: E402
 import report  # noqa: E402
 import suite  # noqa: E402
-from cases import KERNELRL_IMPLS, Case, Impl, kernelrl_impls, short_error  # noqa: E402
+from cases import (KERNELRL_IMPLS, Case, Impl, float64_mismatch, kernelrl_impls,  # noqa: E402
+                   short_error)
 from targets import faster, ms, target, why_missing  # noqa: E402
 
 BENCH = "moe"
@@ -531,25 +532,7 @@ def float64_reference(x: dict, keep_dtype=None) -> tuple:
 
 
 def _compare(out, want, tol: float) -> str | None:
-    import torch
-
-    if len(out) != len(want):
-        return f"returned {len(out)} tensors, expected {len(want)}"
-    for name, o, w in zip(NAMES, out, want):
-        if tuple(o.shape) != tuple(w.shape):
-            return f"{name} shape {tuple(o.shape)} != {tuple(w.shape)}"
-        o = o.to(w.device, torch.float64)
-        w = w.to(torch.float64)
-        if not torch.isfinite(o).all():
-            return f"{name} has non-finite values"
-        err = o - w
-        rel = (err.norm() / w.norm().clamp(min=1e-300)).item()
-        worst = (err.abs().max() / w.abs().max().clamp(min=1e-300)).item()
-        if not (rel <= tol and worst <= MAX_ERR * tol):
-            return (f"{name} off the float64 reference: relative norm error {rel:.3g} "
-                    f"(<= {tol:g}), max error {worst:.3g} of the largest "
-                    f"(<= {MAX_ERR * tol:g})")
-    return None
+    return float64_mismatch(NAMES, out, want, tol, MAX_ERR)
 
 
 def dense_shapes(shape: dict) -> tuple:

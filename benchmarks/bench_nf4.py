@@ -120,8 +120,8 @@ import common  # noqa: E402
 import progress  # noqa: E402
 import report  # noqa: E402
 import suite  # noqa: E402
-from cases import (KERNELRL_IMPLS, Case, Impl, compiled, kernelrl_impls,  # noqa: E402
-                   short_error)
+from cases import (KERNELRL_IMPLS, Case, Impl, compiled, float64_mismatch,  # noqa: E402
+                   kernelrl_impls, short_error)
 from targets import faster, mib, ms, target, why_missing  # noqa: E402
 
 BENCH = "nf4"
@@ -478,27 +478,10 @@ def close_to_float64(reference, tol: float, names: tuple):
     than MAX_ERR·tol of the reference's largest. ``ref`` (the reference row's outputs, eager)
     is held to the same, once: a miss is logged, as the check cannot fail the row it
     compares the others with."""
-    import torch
-
     cached: dict = {}
 
     def compare(out, want):
-        if len(out) != len(want):
-            return f"returned {len(out)} tensors, expected {len(want)}"
-        for name, o, w in zip(names, out, want):
-            if tuple(o.shape) != tuple(w.shape):
-                return f"{name} shape {tuple(o.shape)} != {tuple(w.shape)}"
-            o = o.to(w.device, torch.float64)
-            if not torch.isfinite(o).all():
-                return f"{name} has non-finite values"
-            err = o - w
-            rel = (err.norm() / w.norm().clamp(min=1e-300)).item()
-            worst = (err.abs().max() / w.abs().max().clamp(min=1e-300)).item()
-            if not (rel <= tol and worst <= MAX_ERR * tol):
-                return (f"{name} off the float64 reference: relative norm error {rel:.3g} "
-                        f"(<= {tol:g}), max error {worst:.3g} of the largest "
-                        f"(<= {MAX_ERR * tol:g})")
-        return None
+        return float64_mismatch(names, out, want, tol, MAX_ERR)
 
     def check(ref, out):
         if "want" not in cached:

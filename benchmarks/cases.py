@@ -305,3 +305,28 @@ def check_names(option: str, names: Optional[list], valid) -> None:
     if unknown:
         raise UsageError(f"{option}: unknown {', '.join(map(repr, unknown))}; valid choices: "
                          f"{', '.join(sorted(valid))}")
+
+
+def float64_mismatch(names, out, want, tol: float, max_err: float = 5.0) -> str | None:
+    """None when every tensor of ``out`` is within ``tol`` of the float64 ``want`` by
+    relative norm and no element is off by more than ``max_err``·tol of ``want``'s largest;
+    else a message naming the first tensor that is not (or a count or shape mismatch)."""
+    import torch
+
+    if len(out) != len(want):
+        return f"returned {len(out)} tensors, expected {len(want)}"
+    for name, o, w in zip(names, out, want):
+        if tuple(o.shape) != tuple(w.shape):
+            return f"{name} shape {tuple(o.shape)} != {tuple(w.shape)}"
+        o = o.to(w.device, torch.float64)
+        w = w.to(torch.float64)
+        if not torch.isfinite(o).all():
+            return f"{name} has non-finite values"
+        err = o - w
+        rel = (err.norm() / w.norm().clamp(min=1e-300)).item()
+        worst = (err.abs().max() / w.abs().max().clamp(min=1e-300)).item()
+        if not (rel <= tol and worst <= max_err * tol):
+            return (f"{name} off the float64 reference: relative norm error {rel:.3g} "
+                    f"(<= {tol:g}), max error {worst:.3g} of the largest "
+                    f"(<= {max_err * tol:g})")
+    return None
