@@ -7,7 +7,8 @@
 it depends on no particular cwd: paths are resolved from this file, and the default JSON
 lands in the cwd.
 
-By default the shapes are light (about a minute for all families on 2 CPU cores): enough
+By default the shapes are light (about seven minutes for all families on 2 CPU cores,
+about a minute per op family, three for the training steps): enough
 to rank the implementations and check that they agree, not the targets' shapes. ``--full``
 runs the shapes the targets are stated at (minutes on a CPU). The table and targets go to
 stdout, progress to stderr, and the JSON is always written: to --out, or to
