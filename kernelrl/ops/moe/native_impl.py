@@ -72,6 +72,7 @@ def _check(experts, num_experts) -> None:
 
 def _raise_bad_ids(experts: torch.Tensor, num_experts: int, n_bad: int) -> None:
     flat = experts.reshape(-1)
+    # the error path only (after the kernel counted bad ids): name the first one
     first = int(((flat < 0) | (flat >= num_experts)).nonzero()[0, 0])
     n, j = divmod(first, experts.shape[1])
     raise ValueError(f"{_FN}: experts: expected expert ids in [0, {num_experts}), got "

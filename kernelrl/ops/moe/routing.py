@@ -75,7 +75,7 @@ def check_expert_ids(name: str, experts: torch.Tensor, num_experts: int) -> None
         return
     bad = (experts < 0) | (experts >= num_experts)
     if bool(bad.any().item()):          # host sync: CPU, or debug mode only
-        first = int(experts[bad][0].item())
+        first = int(experts[bad][0].item())     # the error path: naming the bad id
         raise ValueError(f"{name}: expected expert ids in [0, {num_experts}), got {first} "
                          f"({int(bad.sum().item())} such ids)")
 

@@ -43,7 +43,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _ranges(offsets: torch.Tensor):
     """(e, lo, hi) for every expert with rows, from offsets read to the host (this is the
     CPU/torch path; the Triton stages read offsets on the device)."""
-    bounds = offsets.tolist()
+    bounds = offsets.tolist()      # host sync on purpose: the CPU path's per-expert loop
     return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
 
 

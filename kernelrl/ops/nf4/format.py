@@ -82,6 +82,7 @@ def dynamic_map() -> torch.Tensor:
         edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
         scale = 10 ** (e - 6)
+        # host lists: built once (lru_cache) from CPU tensors, never on a step
         values += (scale * mids).tolist() + (-scale * mids).tolist()
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)
@@ -227,6 +228,7 @@ class NF4Weight:
                 name = prefix if key is None else f"{prefix}.{key}"
                 raise ValueError(f"NF4 state dict: missing key {name!r}")
         try:
+            # host read: loading a checkpoint, once per layer, never on a step
             meta = json.loads(bytes(mine[_STATE_KEY].cpu().to(torch.uint8).tolist()).decode())
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"NF4 state dict: {prefix}.{_STATE_KEY} is not JSON: {e}") from None
