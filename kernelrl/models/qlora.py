@@ -124,13 +124,12 @@ def apply_nf4_record(model: nn.Module, folder: str | os.PathLike) -> bool:
             m = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path}: the model has no layer {name!r} to quantize") from None
-        m = m.base if _is_lora(m) else m
+        if _is_lora(m):
+            raise ValueError(f"{path}: the model already has LoRA layers over full-precision "
+                             f"weights; load this 4-bit adapter into a model without adapters")
         if not isinstance(m, nn.Linear):
             raise ValueError(f"{path}: {name!r} is a {type(m).__name__}, not nn.Linear")
         layers.append((name, m))
-    if any(_is_lora(model.get_submodule(n)) for n in names):
-        raise ValueError(f"{path}: the model already has LoRA layers over full-precision "
-                         f"weights; load this 4-bit adapter into a model without adapters")
     _quantize_layers(model, layers, blocksize, double_quant, progress=False)
     return True
 
