@@ -38,7 +38,8 @@ Cases:
              the gradients to a, W1, h and W2 for random upstream gradients: 6 GEMMs).
       flops: 18·N·K·D·F, the routed work every row does: forward 4·N·K·D·F (gate_up) +
              2·N·K·D·F (down), backward twice that. Recompute is not counted (kernelrl's
-             backward recomputes g and u), nor einsum's E/K-fold excess (its TFLOP/s is the
+             Triton backward recomputes g and u; its torch stages, the CPU path, keep
+             them), nor einsum's E/K-fold excess (its TFLOP/s is the
              useful rate), nor the routing combine (O(N·K·D)).
 
   "moe permute" (id permute; experts [N, K] int64 as topk_route returns them): the stable

@@ -155,12 +155,13 @@ def grads(out, grad, *inputs):
 def run_stages(t):
     ti, K, E = triton_impl, t["K"], t["E"]
     order, offsets, position = ti.permute(t["experts"], E)
-    h = ti.gate_up(t["x"], order, offsets, t["w_gate_up"], K)
+    h, gu = ti.gate_up(t["x"], order, offsets, t["w_gate_up"], K)
+    assert gu is None
     o = ti.down(h, offsets, t["w_down"])
     y = ti.combine(o, position, t["weights"])
     do, dweights = ti.combine_backward(t["dy"], o, position, t["weights"])
     dh, dw_down = ti.down_backward(do, h, offsets, t["w_down"])
-    dx, dw_gate_up = ti.gate_up_backward(dh, t["x"], order, position, offsets,
+    dx, dw_gate_up = ti.gate_up_backward(dh, gu, t["x"], order, position, offsets,
                                          t["w_gate_up"], K)
     return dict(order=order, offsets=offsets, position=position, h=h, o=o, y=y, do=do,
                 dweights=dweights, dh=dh, dw_down=dw_down, dx=dx, dw_gate_up=dw_gate_up)
@@ -277,7 +278,7 @@ def test_bad_arguments(device):
     t = make_inputs("odd", torch.float32, device)
     x, wgu, wd, K = t["x"], t["w_gate_up"], t["w_down"], t["K"]
     order, offsets, position = ti.permute(t["experts"], t["E"])
-    h = ti.gate_up(x, order, offsets, wgu, K)
+    h, _ = ti.gate_up(x, order, offsets, wgu, K)
     cases = [
         (lambda: ti.permute(t["experts"].float(), 5), "experts: expected dtype"),
         (lambda: ti.permute(t["experts"], 0), "num_experts: expected a Python int >= 1"),
@@ -290,6 +291,8 @@ def test_bad_arguments(device):
         (lambda: ti.gate_up(x, order, offsets, wgu[..., :-1], K),
          "w_gate_up: expected shape (*, *, 67)"),
         (lambda: ti.gate_up(x.double(), order, offsets, wgu, K), "x: expected dtype"),
+        (lambda: ti.gate_up_backward(h, h, x, order, position, offsets, wgu, K),
+         "gu: expected None"),
         (lambda: ti.down(h, offsets, wd[..., :-1]), "w_down: expected shape (*, *, 45)"),
         (lambda: ti.down_backward(h.new_zeros(74, 67).half(), h, offsets, wd),
          "h: expected dtype float16 (that of do)"),

@@ -26,7 +26,8 @@ Forward stages (on the sorted order):
 Backward (dy = ∂L/∂y [N, D]):
     combine   do[p] = weights[n, j]·dy[n];  dweights[n, j] = <dy[n], o[p]>   p = position[n·K + j]
     down      dh[p] = do[p]·W_d[e];  dW_d[e] = Σ_{p in e} do[p]ᵀ·h[p]
-    gate_up   g, u recomputed; dg = dh·u·silu'(g), du = dh·silu(g), dgu[p] = [dg, du];
+    gate_up   g, u kept from the forward (torch stages) or recomputed (Triton);
+              dg = dh·u·silu'(g), du = dh·silu(g), dgu[p] = [dg, du];
               dW_gu[e] = Σ_{p in e} dgu[p]ᵀ·x[n(p)];
               dx[n] = Σ_{j ascending} dgu[p_j]·W_gu[e_j]    p_j = position[n·K + j]
     silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
@@ -40,8 +41,9 @@ functions (``op.MoEKernels``):
              stages on CUDA; the CPU default
     triton   the GPU path: Triton permutation, grouped GEMMs gathering x's rows through
              ``order`` in their loads, combine, and the backward
-    torch    a stable sort and a loop over the experts, one matmul each (any device;
-             float64)
+    torch    a stable sort and a loop over the experts, one GEMM each in the input dtype
+             (float16 upcast on a CPU), keeping the gate and up products for the
+             backward (any device; float64)
 The oracle is ``moe_ffn_reference`` (torch_impl): per (token, choice), autograd, float64.
 
 Modules:

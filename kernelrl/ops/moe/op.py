@@ -25,12 +25,17 @@ class MoEKernels:
     """One backend's stages, with the contract's signatures:
 
     permute(experts [N, K], E) -> (order [N·K], offsets [E + 1], position [N·K]) int32
-    gate_up(x, order, offsets, w_gate_up, K) -> h [N·K, F]
+    gate_up(x, order, offsets, w_gate_up, K) -> (h [N·K, F], gu [N·K, 2F] or None)
     down(h, offsets, w_down) -> o [N·K, D]
     combine(o, position, weights) -> y [N, D]
     combine_backward(dy, o, position, weights) -> (do [N·K, D], dweights [N, K])
     down_backward(do, h, offsets, w_down) -> (dh [N·K, F], dw_down [E, D, F])
-    gate_up_backward(dh, x, order, position, offsets, w_gate_up, K) -> (dx, dw_gate_up)
+    gate_up_backward(dh, gu, x, order, position, offsets, w_gate_up, K) -> (dx, dw_gate_up)
+
+    gu is the gate and up products, kept by a backend whose backward reads them (the torch
+    stages: the CPU path, where the GEMM recompute would cost more than the memory is
+    worth) and None from one that recomputes them (Triton); gate_up_backward takes what
+    its own gate_up returned.
     """
 
     permute: Callable
@@ -83,25 +88,28 @@ class _MoEFFN(torch.autograd.Function):
 
     Memory: the forward saves h [N·K, F] and o [N·K, D] (x's dtype) besides the inputs and
     the int32 permutation; the backward needs o for dweights and h for dw_down. Recomputing
-    h instead would redo the gate_up GEMM (2/3 of the forward's FLOPs) in every backward;
-    with activation checkpointing the layer's forward reruns anyway, so these live for one
-    layer's backward only."""
+    h instead would redo the gate_up GEMM (2/3 of the forward's FLOPs) in every backward.
+    The torch stages (the CPU path) also keep gu [N·K, 2F], so that their backward does
+    not redo that GEMM for g and u; the Triton stages recompute g and u in the backward's
+    first GEMM instead. With activation checkpointing the layer's forward reruns anyway,
+    so these live for one layer's backward only."""
 
     @staticmethod
     def forward(ctx, x, weights, experts, w_gate_up, w_down, kernels):
         K, E = experts.shape[1], w_gate_up.shape[0]
         order, offsets, position = kernels.permute(experts, E)
-        h = kernels.gate_up(x, order, offsets, w_gate_up, K)
+        h, gu = kernels.gate_up(x, order, offsets, w_gate_up, K)
         o = kernels.down(h, offsets, w_down)
         y = kernels.combine(o, position, weights)
         ctx.kernels, ctx.k = kernels, K
-        ctx.save_for_backward(x, weights, w_gate_up, w_down, order, offsets, position, h, o)
+        ctx.save_for_backward(x, weights, w_gate_up, w_down, order, offsets, position, h, o,
+                              gu)
         return y
 
     @staticmethod
     @first_order_only("moe_ffn")
     def backward(ctx, dy):
-        x, weights, w_gate_up, w_down, order, offsets, position, h, o = ctx.saved_tensors
+        x, weights, w_gate_up, w_down, order, offsets, position, h, o, gu = ctx.saved_tensors
         kernels, K = ctx.kernels, ctx.k
         need_x, need_w, _, need_gu, need_down = ctx.needs_input_grad[:5]
         dx = dweights = dw_gate_up = dw_down = None
@@ -109,8 +117,8 @@ class _MoEFFN(torch.autograd.Function):
         if need_x or need_gu or need_down:
             dh, dw_down = kernels.down_backward(do, h, offsets, w_down)
             if need_x or need_gu:
-                dx, dw_gate_up = kernels.gate_up_backward(dh, x, order, position, offsets,
-                                                          w_gate_up, K)
+                dx, dw_gate_up = kernels.gate_up_backward(dh, gu, x, order, position,
+                                                          offsets, w_gate_up, K)
         return (dx if need_x else None, dweights if need_w else None, None,
                 dw_gate_up if need_gu else None, dw_down if need_down else None, None)
 

@@ -4,11 +4,17 @@ of the kernel contract (see the package docstring for the stages and their buffe
 The stages are the CPU path (and the fallback anywhere): ``gate_up``, ``down`` and their
 backward loop over the experts, reading ``offsets`` to the host, and run each expert's rows
 as one matmul. On a GPU the stages are Triton grouped GEMMs (``triton_impl``), which read
-``offsets`` on the device and never wait on the host. Products are computed in float32 (the
-inputs upcast, so 16-bit products are exact and their sums float32, as the kernels
-accumulate; float64 for float64 inputs) and every stage output is rounded once to the
-dtype of its input, the kernels' convention: h, o, do, dh and dx in x's dtype, the weight
-gradients in the weights' dtype, dweights in ``weights``' dtype.
+``offsets`` on the device and never wait on the host.
+
+Precision: each expert's GEMMs run in the input dtype (torch's bfloat16 GEMM accumulates in
+float32 and rounds the product once, as transformers' eager loop and grouped_mm path do; a
+float32 upcast would cost 2.8x the time and a copy of every expert's weights per call), but
+float16 on a CPU, whose GEMMs run upcast to float32 (faster there). The SwiGLU, its
+derivative and the sums over a token's K slots are float32 (float64 for float64 inputs),
+and each stage output is rounded once to its input's dtype: h, o, do, dh and dx in x's
+dtype, the weight gradients in the weights' dtype, dweights in ``weights``' dtype. The
+Triton stages keep g, u and dgu in float32 where these round them to the GEMM dtype; both
+stay within the tests' bound of twice eager torch's error.
 """
 
 from __future__ import annotations
@@ -36,8 +42,17 @@ def moe_ffn_reference(x: torch.Tensor, weights: torch.Tensor, experts: torch.Ten
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype: float32, or float64 for float64 tensors."""
+    """The elementwise and summation dtype: float32, or float64 for float64 tensors."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm(t: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs of ``t``'s expert rows run in: ``t``'s own (torch's 16-bit GEMMs
+    accumulate in float32 and round the product once), except float16 on a CPU, where
+    torch's float16 GEMM is about 2.5x slower than upcasting to float32."""
+    if t.dtype == torch.float16 and t.device.type == "cpu":
+        return torch.float32
+    return t.dtype
 
 
 def _ranges(offsets: torch.Tensor):
@@ -45,6 +60,15 @@ def _ranges(offsets: torch.Tensor):
     CPU/torch path; the Triton stages read offsets on the device)."""
     bounds = offsets.tolist()      # host sync on purpose: the CPU path's per-expert loop
     return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+
+
+def _zero_unhit(dw: torch.Tensor, ranges: list) -> None:
+    """Zero the weight gradient dw[e] of every expert that no row reached (the others are
+    written whole by their GEMM)."""
+    hit = {e for e, _, _ in ranges}
+    for e in range(dw.shape[0]):
+        if e not in hit:
+            dw[e].zero_()
 
 
 def permute(experts: torch.Tensor, num_experts: int):
@@ -59,33 +83,56 @@ def permute(experts: torch.Tensor, num_experts: int):
     return order.int(), offsets.int(), position.int()
 
 
-def _gate_up_rows(x: torch.Tensor, order: torch.Tensor, lo: int, hi: int, w: torch.Tensor,
-                  k: int, acc: torch.dtype):
-    """x's rows of sorted positions [lo, hi) (in acc) and their g, u = x·W_gᵀ, x·W_uᵀ."""
-    rows = x.index_select(0, order[lo:hi].long() // k).to(acc)
-    gu = rows @ w.to(acc).t()
-    F = w.shape[0] // 2
-    return rows, gu[:, :F], gu[:, F:]
+def _sorted_rows(x: torch.Tensor, order: torch.Tensor, k: int, mm: torch.dtype):
+    """x's row for every sorted position, [N·K, D] in the GEMM dtype ``mm``."""
+    return x.index_select(0, order.long() // k).to(mm)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mm: torch.dtype) -> None:
+    """out = a·b with a and b in the GEMM dtype ``mm``, written straight into ``out`` (a
+    contiguous slice of a stage's buffer) when ``out`` is in that dtype."""
+    if out.dtype == mm and a.dtype == mm and b.dtype == mm:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.to(mm) @ b.to(mm))
+
+
+#: Rows of the elementwise SwiGLU stages per step: about 2^18 values, so that their float32
+#: temporaries stay in cache (2.5x faster than one pass over [N·K, F] at Mixtral's shape).
+_CHUNK_VALUES = 1 << 18
+
+
+def _row_chunks(rows: int, width: int):
+    """Row slices covering [0, rows), each about ``_CHUNK_VALUES`` values of ``width``."""
+    step = max(1, _CHUNK_VALUES // max(width, 1))
+    return [slice(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
 def gate_up(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-            w_gate_up: torch.Tensor, k: int) -> torch.Tensor:
-    """h [N·K, F]: h[p] = silu(x[n]·W_g[e]ᵀ) · (x[n]·W_u[e]ᵀ), n = order[p] // k."""
+            w_gate_up: torch.Tensor, k: int):
+    """(h [N·K, F], gu [N·K, 2F]) in x's dtype: gu[p] = x[n]·W_gu[e]ᵀ (gate then up) and
+    h[p] = silu(g[p])·u[p], n = order[p] // k. gu is kept for the backward, which then
+    does not redo this GEMM (on a CPU the recompute cost 15% of a fwd+bwd at Mixtral's
+    shape; keeping gu costs 2F values a slot, the eager autograd path keeps more)."""
     NK, F = order.numel(), w_gate_up.shape[1] // 2
-    acc = _acc(x.dtype)
-    h = torch.empty(NK, F, dtype=x.dtype, device=x.device)
+    acc, mm = _acc(x.dtype), _mm(x)
+    gu = torch.empty(NK, 2 * F, dtype=x.dtype, device=x.device)
+    rows = _sorted_rows(x, order, k, mm)
     for e, lo, hi in _ranges(offsets):
-        _, g, u = _gate_up_rows(x, order, lo, hi, w_gate_up[e], k, acc)
-        h[lo:hi] = torch.nn.functional.silu(g) * u
-    return h
+        _mm_into(gu[lo:hi], rows[lo:hi], w_gate_up[e].t(), mm)
+    h = torch.empty(NK, F, dtype=x.dtype, device=x.device)
+    for c in _row_chunks(NK, F):
+        g = gu[c, :F].to(acc)
+        h[c] = torch.nn.functional.silu(g).mul_(gu[c, F:].to(acc))
+    return h, gu
 
 
 def down(h: torch.Tensor, offsets: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """o [N·K, D]: o[p] = h[p]·w_down[e]ᵀ."""
-    acc = _acc(h.dtype)
+    mm = _mm(h)
     o = torch.empty(h.shape[0], w_down.shape[1], dtype=h.dtype, device=h.device)
     for e, lo, hi in _ranges(offsets):
-        o[lo:hi] = h[lo:hi].to(acc) @ w_down[e].to(acc).t()
+        _mm_into(o[lo:hi], h[lo:hi], w_down[e].t(), mm)
     return o
 
 
@@ -122,36 +169,46 @@ def down_backward(do: torch.Tensor, h: torch.Tensor, offsets: torch.Tensor,
     """(dh [N·K, F] in h's dtype, dw_down [E, D, F] in w_down's dtype):
     dh[p] = do[p]·w_down[e]; dw_down[e] = Σ_{p in e} do[p]ᵀ·h[p] (0 for an expert without
     rows)."""
-    acc = _acc(h.dtype)
+    mm = _mm(h)
     dh = torch.empty_like(h)
-    dw = torch.zeros(w_down.shape, dtype=acc, device=w_down.device)
-    for e, lo, hi in _ranges(offsets):
-        d = do[lo:hi].to(acc)
-        dh[lo:hi] = d @ w_down[e].to(acc)
-        dw[e] = d.t() @ h[lo:hi].to(acc)
-    return dh, dw.to(w_down.dtype)
+    dw = torch.empty_like(w_down)
+    ranges = _ranges(offsets)
+    _zero_unhit(dw, ranges)
+    for e, lo, hi in ranges:
+        _mm_into(dh[lo:hi], do[lo:hi], w_down[e], mm)
+        _mm_into(dw[e], do[lo:hi].t(), h[lo:hi], mm)
+    return dh, dw
 
 
-def gate_up_backward(dh: torch.Tensor, x: torch.Tensor, order: torch.Tensor,
-                     position: torch.Tensor, offsets: torch.Tensor, w_gate_up: torch.Tensor,
-                     k: int):
-    """(dx [N, D] in x's dtype, dw_gate_up [E, 2F, D] in w_gate_up's dtype), recomputing
-    g and u: dgu[p] = [dh·u·silu'(g), dh·silu(g)];
-    dw_gate_up[e] = Σ_{p in e} dgu[p]ᵀ·x[n(p)];
-    dx[n] = Σ_{j ascending} dgu[position[n·K + j]]·w_gate_up[e_j]."""
+def gate_up_backward(dh: torch.Tensor, gu: torch.Tensor, x: torch.Tensor,
+                     order: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor,
+                     w_gate_up: torch.Tensor, k: int):
+    """(dx [N, D] in x's dtype, dw_gate_up [E, 2F, D] in w_gate_up's dtype), from the gu
+    that :func:`gate_up` returned: dgu[p] = [dh·u·silu'(g), dh·silu(g)] (rounded to the
+    GEMM dtype); dw_gate_up[e] = Σ_{p in e} dgu[p]ᵀ·x[n(p)] (0 for an expert without rows);
+    dx[n] = Σ_{j ascending} dgu[position[n·K + j]]·w_gate_up[e_j], the sum over j in
+    float32."""
+    if gu is None:
+        raise ValueError("moe gate_up_backward (torch stages): gu: expected the [N·K, 2F] "
+                         "products that gate_up returned, got None")
     N, D = x.shape
-    acc = _acc(x.dtype)
-    dxs = torch.zeros(order.numel(), D, dtype=acc, device=x.device)     # per sorted position
-    dw = torch.zeros(w_gate_up.shape, dtype=acc, device=w_gate_up.device)
-    for e, lo, hi in _ranges(offsets):
-        rows, g, u = _gate_up_rows(x, order, lo, hi, w_gate_up[e], k, acc)
-        d = dh[lo:hi].to(acc)
-        sig = torch.sigmoid(g)
-        dgu = torch.cat([d * u * sig * (1 + g * (1 - sig)), d * g * sig], dim=1)
-        dw[e] = dgu.t() @ rows
-        dxs[lo:hi] = dgu @ w_gate_up[e].to(acc)
-    per_slot = dxs.index_select(0, position.long()).view(N, k, D)
+    F = w_gate_up.shape[1] // 2
+    acc, mm = _acc(x.dtype), _mm(x)
+    rows = _sorted_rows(x, order, k, mm)
+    dxs = torch.empty(order.numel(), D, dtype=mm, device=x.device)      # per sorted position
+    dw = torch.empty_like(w_gate_up)
+    dgu = torch.empty(order.numel(), 2 * F, dtype=mm, device=x.device)
+    for c in _row_chunks(order.numel(), F):
+        g, d = gu[c, :F].to(acc), dh[c].to(acc)
+        dgu[c, :F] = torch.ops.aten.silu_backward(d * gu[c, F:].to(acc), g)  # dh·u·silu'(g)
+        dgu[c, F:] = torch.nn.functional.silu(g).mul_(d)                     # dh·silu(g)
+    ranges = _ranges(offsets)
+    _zero_unhit(dw, ranges)
+    for e, lo, hi in ranges:
+        _mm_into(dw[e], dgu[lo:hi].t(), rows[lo:hi], mm)
+        _mm_into(dxs[lo:hi], dgu[lo:hi], w_gate_up[e], mm)
+    per_slot = dxs.index_select(0, position.long()).view(N, k, D).to(acc)
     dx = per_slot[:, 0]
     for j in range(1, k):
         dx = dx + per_slot[:, j]
-    return dx.to(x.dtype), dw.to(w_gate_up.dtype)
+    return dx.to(x.dtype), dw

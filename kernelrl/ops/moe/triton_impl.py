@@ -4,12 +4,12 @@ Shape legend: N tokens, D hidden width, F expert FFN width, E experts, K top-k (
 S = N·K routing slots; slot s = n·K + j. The stages, on the expert-sorted order:
 
     permute(experts, E)          -> order [S], offsets [E+1], position [S]     (int32)
-    gate_up(x, order, offsets, w_gate_up, K) -> h [S, F]     h[p] = silu(x W_gᵀ)·(x W_uᵀ)
+    gate_up(x, order, offsets, w_gate_up, K) -> (h [S, F], None)  h[p] = silu(x W_gᵀ)·(x W_uᵀ)
     down(h, offsets, w_down)     -> o [S, D]                  o[p] = h[p]·W_down[e]ᵀ
     combine(o, position, weights) -> y [N, D]       y[n] = Σ_j weights[n, j]·o[position[s]]
     combine_backward(dy, o, position, weights) -> (do [S, D], dweights [N, K])
     down_backward(do, h, offsets, w_down)      -> (dh [S, F], dw_down [E, D, F])
-    gate_up_backward(dh, x, order, position, offsets, w_gate_up, K)
+    gate_up_backward(dh, None, x, order, position, offsets, w_gate_up, K)
                                                -> (dx [N, D], dw_gate_up [E, 2F, D])
 
 The kernels: :mod:`.triton_permute` (histogram / scan / rank counting sort),
@@ -20,6 +20,9 @@ over j ascending by the combine kernel, unweighted: a token's K slots go to diff
 experts, so they do not share a GEMM tile, and a per-slot buffer plus an ordered sum is
 what keeps it free of atomics. dx_slot is fp32 so that the K-way sum adds fp32 values, as
 a fused kernel would; it costs S·D·4 bytes for the duration of the call.
+
+gate_up returns None in place of the gate and up products that the torch stages keep:
+gate_up_backward recomputes g and u in its first GEMM, and takes None for them.
 
 Determinism: no atomics, every reduction in a fixed order, and launch configurations that
 are a pure function of the dtypes and shapes, never of timing or of the routing: an
@@ -238,9 +241,10 @@ def permute(experts: torch.Tensor, num_experts: int):
 
 
 def gate_up(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-            w_gate_up: torch.Tensor, k: int) -> torch.Tensor:
-    """h [N·K, F] in x's dtype: h[p] = silu(x[n]·W_g[e]ᵀ)·(x[n]·W_u[e]ᵀ), n = order[p] // K.
-    x [N, D], w_gate_up [E, 2F, D] (gate rows first), any strides."""
+            w_gate_up: torch.Tensor, k: int) -> tuple[torch.Tensor, None]:
+    """(h [N·K, F] in x's dtype, None): h[p] = silu(x[n]·W_g[e]ᵀ)·(x[n]·W_u[e]ᵀ),
+    n = order[p] // K. x [N, D], w_gate_up [E, 2F, D] (gate rows first), any strides. The
+    None: nothing kept for the backward, which recomputes g and u."""
     _float("x", x, (None, None))
     K, (N, D), device = _topk(k), x.shape, x.device
     E, F = _gate_up_weight(w_gate_up, None, D, device)
@@ -249,7 +253,7 @@ def gate_up(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
     _offsets(offsets, E, device)
     h = _empty(S, F, dtype=x.dtype, device=device)
     if S == 0 or F == 0:
-        return h
+        return h, None
     cfg = _gemm_config("gate_up", x.dtype, F, D)
     tiles_m = _row_tiles(S, E, cfg["BLOCK_M"])
     grid = (tiles_m * triton.cdiv(F, cfg["BLOCK_F"]),)
@@ -257,7 +261,7 @@ def gate_up(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
         x, order, offsets, w_gate_up, h, E, F, D, K, tiles_m,
         x.stride(0), x.stride(1), *w_gate_up.stride(), h.stride(0), h.stride(1),
         BLOCK_E=_block_e(E), **cfg)
-    return h
+    return h, None
 
 
 def _grouped_gemm(a, w, offsets, E, P, Q, stride_bq, stride_bp, out_dtype):
@@ -371,13 +375,16 @@ def down_backward(do: torch.Tensor, h: torch.Tensor, offsets: torch.Tensor,
     return dh, dw_down
 
 
-def gate_up_backward(dh: torch.Tensor, x: torch.Tensor, order: torch.Tensor,
+def gate_up_backward(dh: torch.Tensor, gu: None, x: torch.Tensor, order: torch.Tensor,
                      position: torch.Tensor, offsets: torch.Tensor, w_gate_up: torch.Tensor,
                      k: int):
     """(dx [N, D] in x's dtype, dw_gate_up [E, 2F, D] in w_gate_up's dtype), with g, u
-    recomputed from x: dgu = [dh·u·silu'(g) | dh·silu(g)] [S, 2F] in x's dtype,
+    recomputed from x (``gu`` must be None, what :func:`gate_up` returned): dgu = [dh·u·silu'(g) | dh·silu(g)] [S, 2F] in x's dtype,
     dx[n] = Σ_{j ascending} dgu[position[n·K + j]]·W_gate_up[e_j] (per-slot fp32 rows,
     then the ordered sum), dw_gate_up[e] = Σ_{p in e} dgu[p]ᵀ·x[n(p)] (rows ascending)."""
+    if gu is not None:
+        raise ValueError("moe gate_up_backward (triton): gu: expected None (g and u are "
+                         f"recomputed), got {type(gu).__name__}")
     _float("x", x, (None, None))
     K, (N, D), device = _topk(k), x.shape, x.device
     E, F = _gate_up_weight(w_gate_up, None, D, device)
