@@ -404,6 +404,12 @@ def force(backend: str | None):
         _forced_here.value = previous
 
 
+def forced_now() -> str | None:
+    """The backend forced for the current call (``force()`` or ``KERNELRL_BACKEND``), or
+    None."""
+    return _forced_now()[0]
+
+
 def _forced_now() -> tuple[str | None, str]:
     """(backend, where it was forced) for the current call, or (None, "")."""
     value = getattr(_forced_here, "value", _UNSET)

@@ -280,6 +280,23 @@ def test_partial_gradients_and_empty_input():
     assert torch.all(dgu == 0)
 
 
+def test_more_experts_than_the_kernels_take(monkeypatch):
+    """E > 1024: the default dispatch runs the torch backend (same values as the reference);
+    a forced kernel backend says why it cannot."""
+    E, N, D, Fw = 1100, 6, 8, 4
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N, D, generator=gen)
+    experts = torch.tensor([[0, 1099], [5, 1024], [1050, 7], [3, 3], [1098, 2], [9, 600]])
+    weights = torch.rand(N, 2, generator=gen)
+    w_gu = torch.randn(E, 2 * Fw, D, generator=gen)
+    w_d = torch.randn(E, D, Fw, generator=gen)
+    torch.testing.assert_close(moe_ffn(x, weights, experts, w_gu, w_d),
+                               moe_ffn_reference(x, weights, experts, w_gu, w_d))
+    monkeypatch.setenv("KERNELRL_BACKEND", "native")
+    with pytest.raises(ValueError, match="at most 1024 experts, got E = 1100"):
+        moe_ffn(x, weights, experts, w_gu, w_d)
+
+
 def test_registration_and_examples():
     spec = backend.registered_ops()["moe_ffn"]
     assert "torch" in spec.impls and spec.fn is moe_ffn

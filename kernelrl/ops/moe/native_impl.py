@@ -24,11 +24,10 @@ import torch
 
 from kernelrl import backend as _backend
 from kernelrl.ops import _native
+from kernelrl.ops.moe.routing import MAX_EXPERTS
 
 __all__ = ["permute", "MAX_EXPERTS", "MAX_TOP_K", "MAX_SLOTS"]
 
-#: Most experts the kernels take (csrc/moe/moe.h kMoeMaxExperts).
-MAX_EXPERTS = 1024
 #: Most experts per token (kMoeMaxTopK).
 MAX_TOP_K = 8
 #: Most slots N·K (int32 indices).

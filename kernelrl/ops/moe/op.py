@@ -13,7 +13,7 @@ from kernelrl import backend as _backend
 from kernelrl.ops._autograd import first_order_only
 from kernelrl.ops._checks import FLOAT_DTYPES, KERNEL_DTYPES, check_tensor
 from kernelrl.ops.moe import torch_impl
-from kernelrl.ops.moe.routing import MAX_TOP_K, check_expert_ids, topk_route
+from kernelrl.ops.moe.routing import MAX_EXPERTS, MAX_TOP_K, check_expert_ids, topk_route
 
 #: The stage functions every backend module provides (the kernel contract).
 STAGES = ("permute", "gate_up", "down", "combine", "combine_backward", "down_backward",
@@ -185,7 +185,8 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
         weights: [N, K] routing weights, x's dtype or float32 (Mixtral's router keeps
             float32). Gets gradients (in its own dtype).
         experts: [N, K] int32 or int64 expert ids in [0, E), K <= 8 (``topk_route``'s
-            output; a token may name an expert twice). Ids are range-checked on CPU always,
+            output; a token may name an expert twice; E > 1024 runs the torch backend,
+            as the kernels take at most 1024 experts). Ids are range-checked on CPU always,
             on a GPU only with ``KERNELRL_DEBUG=1`` (the check is a host sync).
         w_gate_up: [E, 2F, D] in x's dtype, gate rows (0..F-1) then up rows. Gets gradients.
         w_down: [E, D, F] in x's dtype. Gets gradients.
@@ -195,6 +196,13 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     """
     _check(x, weights, experts, w_gate_up, w_down)
     backend = _backend.select("moe_ffn", x.device, x.dtype)
+    E = w_gate_up.shape[0]
+    if backend != "torch" and E > MAX_EXPERTS:
+        if _backend.forced_now() is not None:
+            raise ValueError(f"moe_ffn: w_gate_up: the {backend} kernels take at most "
+                             f"{MAX_EXPERTS} experts, got E = {E} ({_shape(w_gate_up)}); "
+                             f"the torch backend takes any number")
+        backend = "torch"
     kernels = _KERNELS[backend] if x.shape[0] > 0 else _KERNELS["torch"]
     return _MoEFFN.apply(x.contiguous(), weights.contiguous(), experts.contiguous(),
                          w_gate_up.contiguous(), w_down.contiguous(), kernels)

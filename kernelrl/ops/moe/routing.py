@@ -53,6 +53,9 @@ __all__ = ["topk_route", "load_balancing_loss", "router_z_loss", "MAX_TOP_K"]
 
 #: The largest top-k the MoE kernels take (Qwen3-MoE routes 8 of 128).
 MAX_TOP_K = 8
+#: The most experts the native and Triton moe_ffn kernels take (csrc/moe/moe.h
+#: kMoeMaxExperts); the torch backend takes any number.
+MAX_EXPERTS = 1024
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
