@@ -232,6 +232,18 @@ def setup_model_from_config(cfg: TrainConfig, device: torch.device | str, *,
                        qlora=cfg.qlora, moe_kernels=cfg.moe_kernels)
 
 
+def frozen_copy(cfg: TrainConfig, device: torch.device | str) -> nn.Module:
+    """A frozen copy of ``--model`` for a reference policy: loaded as the policy is
+    (``--dtype``, ``--attn-implementation``), its MoE blocks on kernelrl's kernels when
+    the policy's are (``--moe-kernels``), so that both compute with the same numerics
+    and the first step's KL is exactly 0; in eval mode, without gradients."""
+    copy = load_model(cfg.model, dtype=cfg.dtype, device=device,
+                      attn_implementation=cfg.attn_implementation)
+    if cfg.moe_kernels:
+        patch_moe(copy)
+    return copy.eval().requires_grad_(False)
+
+
 def make_trainable(model: nn.Module, *, lora_r: int = 0, lora_alpha: float = 16.0,
                    lora_dropout: float = 0.0,
                    lora_targets: str = ",".join(DEFAULT_TARGET_MODULES),

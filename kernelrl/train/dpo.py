@@ -78,10 +78,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kernelrl.models.hf import load_model
 from kernelrl.models.logprobs import sequence_logprobs
 from kernelrl.models.lora import disable_adapters, lora_modules
-from kernelrl.models.moe import patch_moe
 from kernelrl.ops import dpo_loss
 from kernelrl.train import common
 from kernelrl.train.batching import BatchLoader, PreferenceBatch
@@ -305,12 +303,8 @@ def _build_reference(cfg: DPOConfig, model: nn.Module, device: torch.device,
         return (Reference(cfg, model, adapters_off=True), f"reference: the model with its "
                 f"LoRA adapters disabled (--ref {cfg.ref} is ignored with LoRA)", False)
     if cfg.ref == "copy":
-        copy = load_model(cfg.model, dtype=cfg.dtype, device=device,
-                          attn_implementation=cfg.attn_implementation)
-        if cfg.moe_kernels:
-            patch_moe(copy)              # the policy's MoE blocks, so the same numerics
-        copy.eval().requires_grad_(False)
-        return Reference(cfg, copy), f"reference: a frozen copy of {cfg.model}", False
+        return (Reference(cfg, common.frozen_copy(cfg, device)),
+                f"reference: a frozen copy of {cfg.model}", False)
     here = run_dir / REFERENCE_FILE
     for source in (here, ckpt_run / REFERENCE_FILE if ckpt_run else None):
         cache = _read_cache(source, datasets, _cache_key(cfg), device) if source else None

@@ -64,7 +64,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from kernelrl.models.hf import load_model, load_tokenizer
+from kernelrl.models.hf import load_tokenizer
 from kernelrl.models.lora import CONFIG_NAME, disable_adapters, lora_modules, use_adapter
 from kernelrl.train import common
 from kernelrl.train.data import DataStats, _Formatter, _json_type, read_jsonl, split_records
@@ -485,9 +485,7 @@ class Reference:
         LoRA, else a frozen copy of ``cfg.model``."""
         if lora_modules(policy):
             return cls(policy, adapters_off=True), "reference: the policy, adapters disabled"
-        copy = load_model(cfg.model, dtype=cfg.dtype, device=device,
-                          attn_implementation=cfg.attn_implementation)
-        disable_dropout(copy).eval().requires_grad_(False)
+        copy = disable_dropout(common.frozen_copy(cfg, device))
         return cls(copy), f"reference: a frozen copy of {cfg.model}"
 
     def logprobs(self, rollout: Rollout, temperature: float,

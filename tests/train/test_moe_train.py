@@ -100,6 +100,19 @@ def test_lora_keeps_the_experts_frozen_and_aux_still_counts(data, tmp_path, caps
     assert keys and not any("experts" in k or "mlp.gate" in k for k in keys)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_frozen_reference_copy_runs_the_policys_blocks(data, kernels):
+    """PPO's, GRPO's and DPO's frozen reference (common.frozen_copy) is patched exactly
+    when the policy is, so that both compute with the same numerics."""
+    from kernelrl.nn import SparseMoE
+    from kernelrl.train import common
+    cfg = dpo.DPOConfig(model=str(data["model"]), data="d", out="o", moe_kernels=kernels)
+    copy = common.frozen_copy(cfg, "cpu")
+    blocks = [m for m in copy.modules() if isinstance(m, SparseMoE)]
+    assert len(blocks) == (2 if kernels else 0)
+    assert not copy.training and not any(p.requires_grad for p in copy.parameters())
+
+
 def test_the_flags_and_their_help(capsys):
     text = " ".join(train_helpers.help_text(sft, capsys).split())
     assert "--moe-kernels, --no-moe-kernels run a mixture-of-experts model's sparse" in text
@@ -141,3 +154,4 @@ def test_the_other_trainers_add_the_aux_term(name, data, tmp_path):
     on, _ = _run(module, data, kind, tmp_path / "on", *flags, "--router-aux-coef", 0.5)
     assert "aux_loss" not in off and on["aux_loss"] > 0
     assert abs(on["loss"] - (off["loss"] + 0.5 * on["aux_loss"])) < 1e-5
+
