@@ -238,6 +238,33 @@ def test_second_order_gradients_refuse():
         dx.sum().backward()
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+def test_cpu_grouped_gemm_path_equals_the_per_expert_loop(monkeypatch):
+    """bfloat16 on a CPU with 16-byte strides runs torch's grouped_mm; it must give the
+    same bits as the per-expert torch.mm loop that serves the other shapes."""
+    from kernelrl.ops.moe import torch_impl
+    x, w, e, w_gu, w_d = _inputs("cpu", torch.bfloat16, 45, 32, 24, 16, 2, mode="empty")
+    calls = []
+    real = torch_impl._grouped_mm_here
+
+    def spy(a, b):
+        calls.append(real(a, b))
+        return calls[-1]
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, w_gu, w_d)]
+        y = moe_ffn(leaves[0], leaves[1], e, leaves[2], leaves[3])
+        return (y, *torch.autograd.grad(y, leaves, torch.ones_like(y)))
+
+    monkeypatch.setenv("KERNELRL_BACKEND", "torch")
+    monkeypatch.setattr(torch_impl, "_grouped_mm_here", spy)
+    grouped = run()
+    assert calls and all(calls)                       # every GEMM took grouped_mm
+    monkeypatch.setattr(torch_impl, "_grouped_mm_here", lambda a, b: False)
+    for name, a, b in zip(("y",) + GRAD_NAMES, grouped, run()):
+        assert torch.equal(a, b), name
+
+
 def test_float64_public_op_runs_the_torch_backend():
     x, w, e, w_gu, w_d = _inputs("cpu", torch.float64, 11, 9, 7, 5, 3)
     assert backend.select("moe_ffn", x.device, torch.float64) == "torch"
