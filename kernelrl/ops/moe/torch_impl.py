@@ -160,17 +160,26 @@ def down(h: torch.Tensor, offsets: torch.Tensor, w_down: torch.Tensor) -> torch.
     return _per_expert(h, w_down.transpose(1, 2), offsets, _mm(h), h.dtype)
 
 
+def _slot_sum(rows: torch.Tensor, position: torch.Tensor, N: int, K: int,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, D] in float32 (float64 for float64 rows): Σ_{j ascending} s_j·rows[position[n·K +
+    j]], s_j = scale[:, j] (or 1), one [N, D] gather at a time (no [N·K, D] float32 copy)."""
+    acc = _acc(rows.dtype)
+    pos = position.view(N, K).long()
+    total = None
+    for j in range(K):
+        term = rows.index_select(0, pos[:, j]).to(acc)        # a fresh tensor: in place ok
+        if scale is not None:
+            term.mul_(scale[:, j, None])
+        total = term if total is None else total.add_(term)
+    return total
+
+
 def combine(o: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """y [N, D]: y[n] = Σ_{j ascending} weights[n, j] · o[position[n·K + j]], summed in
     float32 (float64 for float64 o), in o's dtype."""
     N, K = weights.shape
-    acc = _acc(o.dtype)
-    og = o.index_select(0, position.long()).view(N, K, o.shape[1]).to(acc)
-    w = weights.to(acc)
-    y = og[:, 0] * w[:, 0, None]
-    for j in range(1, K):
-        y = y + og[:, j] * w[:, j, None]
-    return y.to(o.dtype)
+    return _slot_sum(o, position, N, K, weights.to(_acc(o.dtype))).to(o.dtype)
 
 
 def combine_backward(dy: torch.Tensor, o: torch.Tensor, position: torch.Tensor,
@@ -179,12 +188,13 @@ def combine_backward(dy: torch.Tensor, o: torch.Tensor, position: torch.Tensor,
     do[p] = weights[n, j]·dy[n]; dweights[n, j] = <dy[n], o[p]>."""
     N, K = weights.shape
     acc = _acc(o.dtype)
-    pos = position.long()
-    dyf = dy.to(acc)
-    per_slot = (weights.to(acc)[:, :, None] * dyf[:, None, :]).reshape(N * K, o.shape[1])
-    do = torch.empty_like(o).index_copy_(0, pos, per_slot.to(o.dtype))
-    og = o.index_select(0, pos).view(N, K, o.shape[1]).to(acc)
-    dweights = (og * dyf[:, None, :]).sum(-1)
+    pos = position.view(N, K).long()
+    dyf, w = dy.to(acc), weights.to(acc)
+    do = torch.empty_like(o)
+    dweights = torch.empty(N, K, dtype=acc, device=o.device)
+    for j in range(K):
+        do.index_copy_(0, pos[:, j], (dyf * w[:, j, None]).to(o.dtype))
+        dweights[:, j] = (o.index_select(0, pos[:, j]).to(acc) * dyf).sum(-1)
     return do, dweights.to(weights.dtype)
 
 
@@ -220,8 +230,5 @@ def gate_up_backward(dh: torch.Tensor, gu: torch.Tensor, x: torch.Tensor,
         dgu[c, F:] = torch.nn.functional.silu(g).mul_(d)                     # dh·silu(g)
     dw = _per_expert_sum(dgu, rows, offsets, mm, w_gate_up)
     dxs = _per_expert(dgu, w_gate_up, offsets, mm, mm)                 # per sorted position
-    per_slot = dxs.index_select(0, position.long()).view(N, k, D).to(acc)
-    dx = per_slot[:, 0]
-    for j in range(1, k):
-        dx = dx + per_slot[:, j]
+    dx = _slot_sum(dxs, position, N, k)
     return dx.to(x.dtype), dw
