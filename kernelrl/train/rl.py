@@ -44,7 +44,7 @@ The pieces, in the order a step uses them:
   statistics of the trainer's) into logged numbers with one host sync.
 
 Dropout: an RL update compares the policy's log-probs with those it had when sampling, so
-the policy runs without dropout (``disable_dropout``); the rollout is sampled in eval
+the policy runs without dropout or MoE router jitter (``disable_dropout``); the rollout is sampled in eval
 mode, the old log-probs are computed in the mode the update runs in.
 """
 
@@ -439,14 +439,18 @@ class Sampling:
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout off everywhere in ``model``, in place: every ``nn.Dropout``'s p and every
-    float module attribute named ``*dropout`` (Hugging Face attention's
-    ``attention_dropout``) set to 0."""
+    """Training-time noise off everywhere in ``model``, in place: every ``nn.Dropout``'s p,
+    every float module attribute named ``*dropout`` (Hugging Face attention's
+    ``attention_dropout``) and every MoE router's ``jitter_noise`` (Mixtral's
+    ``router_jitter_noise``, on transformers' blocks and on ``kernelrl.nn.SparseMoE``) set
+    to 0: noise in the update's forward would make the ratio to the old log-probs differ
+    from 1 with no change to the policy."""
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if name.endswith("dropout") and isinstance(value, float):
+            if ((name.endswith("dropout") or name == "jitter_noise")
+                    and isinstance(value, float)):
                 setattr(module, name, 0.0)
     return model
 

@@ -374,6 +374,23 @@ def test_disable_dropout():
     assert layer[1].p == 0.0 and layer[0].attention_dropout == 0.0
 
 
+def test_disable_dropout_turns_off_moe_router_jitter():
+    """Router jitter in the update's forward would move the ratio off 1 like dropout."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from kernelrl.nn import SparseMoE
+    cfg = MixtralConfig(hidden_size=8, intermediate_size=4, num_local_experts=4,
+                        num_experts_per_tok=2, router_jitter_noise=0.1)
+    hf = MixtralSparseMoeBlock(cfg)
+    ours = SparseMoE.from_hf(MixtralSparseMoeBlock(cfg))
+    assert hf.jitter_noise == ours.jitter_noise == 0.1
+    model = rl.disable_dropout(torch.nn.ModuleList([hf, ours])).train()
+    assert hf.jitter_noise == ours.jitter_noise == 0.0
+    x = torch.randn(1, 5, 8)
+    torch.testing.assert_close(ours(x), ours(x), rtol=0, atol=0)      # no noise left
+    assert model.training
+
+
 # ----------------------------------------------------------------------------------------
 # Reward models
 
