@@ -44,8 +44,8 @@ The pieces, in the order a step uses them:
   statistics of the trainer's) into logged numbers with one host sync.
 
 Dropout: an RL update compares the policy's log-probs with those it had when sampling, so
-the policy runs without dropout or MoE router jitter (``disable_dropout``); the rollout is sampled in eval
-mode, the old log-probs are computed in the mode the update runs in.
+the policy runs without dropout or MoE router jitter (``disable_dropout``); the rollout is
+sampled in eval mode, the old log-probs are computed in the mode the update runs in.
 """
 
 from __future__ import annotations

@@ -265,6 +265,22 @@ def test_cpu_grouped_gemm_path_equals_the_per_expert_loop(monkeypatch):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("D,Fw", [(16, 1), (1, 16)])
+def test_bfloat16_width_one_takes_the_loop(D, Fw):
+    """A width of 1 has strides grouped_mm refuses: the CPU stages take the loop (F = 1:
+    h and the down GEMM; D = 1: x's rows)."""
+    _compare(*_inputs("cpu", torch.bfloat16, 64, D, Fw, 3, 2), torch.bfloat16)
+
+
+def test_torch_stages_need_the_kept_gate_up_products():
+    from kernelrl.ops.moe import torch_impl
+    x, _, e, w_gu, _ = _inputs("cpu", torch.float32, 5, 8, 4, 3, 2)
+    order, offsets, position = torch_impl.permute(e, 3)
+    with pytest.raises(ValueError, match="gu: expected the"):
+        torch_impl.gate_up_backward(torch.zeros(10, 4), None, x, order, position, offsets,
+                                    w_gu, 2)
+
+
 def test_float64_public_op_runs_the_torch_backend():
     x, w, e, w_gu, w_d = _inputs("cpu", torch.float64, 11, 9, 7, 5, 3)
     assert backend.select("moe_ffn", x.device, torch.float64) == "torch"
@@ -319,7 +335,7 @@ def test_more_experts_than_the_kernels_take(monkeypatch):
     w_d = torch.randn(E, D, Fw, generator=gen)
     torch.testing.assert_close(moe_ffn(x, weights, experts, w_gu, w_d),
                                moe_ffn_reference(x, weights, experts, w_gu, w_d))
-    monkeypatch.setenv("KERNELRL_BACKEND", "native")
+    _use(monkeypatch, "native", "cpu")
     with pytest.raises(ValueError, match="at most 1024 experts, got E = 1100"):
         moe_ffn(x, weights, experts, w_gu, w_d)
 

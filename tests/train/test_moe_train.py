@@ -154,4 +154,3 @@ def test_the_other_trainers_add_the_aux_term(name, data, tmp_path):
     on, _ = _run(module, data, kind, tmp_path / "on", *flags, "--router-aux-coef", 0.5)
     assert "aux_loss" not in off and on["aux_loss"] > 0
     assert abs(on["loss"] - (off["loss"] + 0.5 * on["aux_loss"])) < 1e-5
-

@@ -381,14 +381,19 @@ def test_disable_dropout_turns_off_moe_router_jitter():
     from kernelrl.nn import SparseMoE
     cfg = MixtralConfig(hidden_size=8, intermediate_size=4, num_local_experts=4,
                         num_experts_per_tok=2, router_jitter_noise=0.1)
+    torch.manual_seed(0)
     hf = MixtralSparseMoeBlock(cfg)
-    ours = SparseMoE.from_hf(MixtralSparseMoeBlock(cfg))
+    with torch.no_grad():              # a bare block's weights are uninitialised memory
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    ours = SparseMoE.from_hf(hf)
     assert hf.jitter_noise == ours.jitter_noise == 0.1
-    model = rl.disable_dropout(torch.nn.ModuleList([hf, ours])).train()
-    assert hf.jitter_noise == ours.jitter_noise == 0.0
+    model = torch.nn.ModuleList([hf, ours]).train()
     x = torch.randn(1, 5, 8)
-    torch.testing.assert_close(ours(x), ours(x), rtol=0, atol=0)      # no noise left
-    assert model.training
+    assert not torch.equal(ours(x), ours(x))              # the noise, before
+    rl.disable_dropout(model)
+    assert hf.jitter_noise == ours.jitter_noise == 0.0
+    assert torch.equal(ours(x), ours(x)) and model.training
 
 
 # ----------------------------------------------------------------------------------------

@@ -185,10 +185,10 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
         weights: [N, K] routing weights, x's dtype or float32 (Mixtral's router keeps
             float32). Gets gradients (in its own dtype).
         experts: [N, K] int32 or int64 expert ids in [0, E), K <= 8 (``topk_route``'s
-            output; a token may name an expert twice; E > 1024 runs the torch backend,
-            as the kernels take at most 1024 experts). Ids are range-checked on CPU always,
+            output; a token may name an expert twice). Ids are range-checked on CPU always,
             on a GPU only with ``KERNELRL_DEBUG=1`` (the check is a host sync).
         w_gate_up: [E, 2F, D] in x's dtype, gate rows (0..F-1) then up rows. Gets gradients.
+            E > 1024 runs the torch backend (the kernels take at most 1024 experts).
         w_down: [E, D, F] in x's dtype. Gets gradients.
 
     Returns:
@@ -197,13 +197,15 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     _check(x, weights, experts, w_gate_up, w_down)
     backend = _backend.select("moe_ffn", x.device, x.dtype)
     E = w_gate_up.shape[0]
-    if backend != "torch" and E > MAX_EXPERTS:
+    if x.shape[0] == 0:
+        backend = "torch"            # nothing to route: the torch stages return zeros
+    elif backend != "torch" and E > MAX_EXPERTS:
         if _backend.forced_now() is not None:
             raise ValueError(f"moe_ffn: w_gate_up: the {backend} kernels take at most "
                              f"{MAX_EXPERTS} experts, got E = {E} ({_shape(w_gate_up)}); "
                              f"the torch backend takes any number")
         backend = "torch"
-    kernels = _KERNELS[backend] if x.shape[0] > 0 else _KERNELS["torch"]
+    kernels = _KERNELS[backend]
     return _MoEFFN.apply(x.contiguous(), weights.contiguous(), experts.contiguous(),
                          w_gate_up.contiguous(), w_down.contiguous(), kernels)
 

@@ -13,8 +13,9 @@ float16 on a CPU, whose GEMMs run upcast to float32 (faster there). The SwiGLU, 
 derivative and the sums over a token's K slots are float32 (float64 for float64 inputs),
 and each stage output is rounded once to its input's dtype: h, o, do, dh and dx in x's
 dtype, the weight gradients in the weights' dtype, dweights in ``weights``' dtype. The
-Triton stages keep g, u and dgu in float32 where these round them to the GEMM dtype; both
-stay within the tests' bound of twice eager torch's error.
+Triton stages keep g, u, dgu and each slot's dx in float32 where these round them to the
+GEMM dtype (as transformers' eager path does); both stay within the tests' bound of twice
+eager torch's error.
 """
 
 from __future__ import annotations
@@ -86,10 +87,14 @@ def _grouped_mm_here(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not (a.device.type == "cpu" and a.dtype == b.dtype == torch.bfloat16 and a.numel() > 0
             and hasattr(torch.nn.functional, "grouped_mm")):
         return False
-    # its layout rule: 16-byte aligned operands, every stride but the unit one a multiple
-    # of 16 bytes (so D and F multiples of 8); other shapes take the loop
-    return all(t.data_ptr() % 16 == 0 and all(st == 1 or st * 2 % 16 == 0 for st in t.stride())
-               for t in (a, b))
+    # its layout rule, which other shapes (D or F not a multiple of 8, or 1) leave to the
+    # loop: 16-byte aligned operands whose last two dims are > 1, one of them of stride 1,
+    # every other stride a multiple of 16 bytes
+    def fits(t: torch.Tensor) -> bool:
+        inner = sorted(t.stride()[-2:])
+        return (t.data_ptr() % 16 == 0 and min(t.shape[-2:]) > 1 and inner[0] == 1
+                and all(st * 2 % 16 == 0 for st in (inner[1], *t.stride()[:-2])))
+    return fits(a) and fits(b)
 
 
 def _per_expert(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, mm: torch.dtype,
@@ -214,8 +219,8 @@ def gate_up_backward(dh: torch.Tensor, gu: torch.Tensor, x: torch.Tensor,
     """(dx [N, D] in x's dtype, dw_gate_up [E, 2F, D] in w_gate_up's dtype), from the gu
     that :func:`gate_up` returned: dgu[p] = [dh·u·silu'(g), dh·silu(g)] (rounded to the
     GEMM dtype); dw_gate_up[e] = Σ_{p in e} dgu[p]ᵀ·x[n(p)] (0 for an expert without rows);
-    dx[n] = Σ_{j ascending} dgu[position[n·K + j]]·w_gate_up[e_j], the sum over j in
-    float32."""
+    dx[n] = Σ_{j ascending} dgu[position[n·K + j]]·w_gate_up[e_j], each term rounded to
+    the GEMM dtype, then summed over j in float32."""
     if gu is None:
         raise ValueError("moe gate_up_backward (torch stages): gu: expected the [N·K, 2F] "
                          "products that gate_up returned, got None")

@@ -379,7 +379,8 @@ def gate_up_backward(dh: torch.Tensor, gu: None, x: torch.Tensor, order: torch.T
                      position: torch.Tensor, offsets: torch.Tensor, w_gate_up: torch.Tensor,
                      k: int):
     """(dx [N, D] in x's dtype, dw_gate_up [E, 2F, D] in w_gate_up's dtype), with g, u
-    recomputed from x (``gu`` must be None, what :func:`gate_up` returned): dgu = [dh·u·silu'(g) | dh·silu(g)] [S, 2F] in x's dtype,
+    recomputed from x (``gu`` must be None, what :func:`gate_up` returned):
+    dgu = [dh·u·silu'(g) | dh·silu(g)] [S, 2F] in x's dtype,
     dx[n] = Σ_{j ascending} dgu[position[n·K + j]]·W_gate_up[e_j] (per-slot fp32 rows,
     then the ordered sum), dw_gate_up[e] = Σ_{p in e} dgu[p]ᵀ·x[n(p)] (rows ascending)."""
     if gu is not None:
