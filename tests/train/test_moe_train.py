@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import train_helpers
 from dpo_helpers import pair_examples
 from rl_helpers import prompt_rows
-from train_helpers import cli_args, sft_examples, write_jsonl, write_mixtral_folder
+from train_helpers import (cli_args, sft_examples, write_jsonl, write_mixtral_folder,
+                           write_qwen3_moe_folder)
 from kernelrl.train import dpo, grpo, ppo, rm, sft
 from kernelrl.train.metrics import read_metrics
 from numerics import rel_err
@@ -154,3 +155,21 @@ def test_the_other_trainers_add_the_aux_term(name, data, tmp_path):
     on, _ = _run(module, data, kind, tmp_path / "on", *flags, "--router-aux-coef", 0.5)
     assert "aux_loss" not in off and on["aux_loss"] > 0
     assert abs(on["loss"] - (off["loss"] + 0.5 * on["aux_loss"])) < 1e-5
+
+
+def test_qwen3_moe_trains_through_sft_and_grpo(data, tmp_path, capsys):
+    """Qwen3-MoE's blocks (top-4 of 8, weights not renormalised) through the loop: SFT on
+    the kernels matches transformers' blocks, and GRPO runs with the aux term and a frozen
+    reference whose log-probs equal the sampling policy's at the first step."""
+    model = write_qwen3_moe_folder(tmp_path / "qwen3")
+    qdata = {**data, "model": model}
+    hf, _ = _run(sft, qdata, "sft", tmp_path / "hf", "--no-moe-kernels", capsys=capsys)
+    ours, log = _run(sft, qdata, "sft", tmp_path / "ours", "--router-aux-coef", 0,
+                     capsys=capsys)
+    assert "MoE: 2 blocks on kernelrl's kernels" in log
+    _assert_same_step(ours, hf, tmp_path / "ours", tmp_path / "hf")
+    record, log = _run(grpo, qdata, "prompts", tmp_path / "grpo", "--reward-fn",
+                       "rl_helpers:marker_reward", "--max-new-tokens", 6, "--group-size", 2,
+                       "--kl-loss-coef", 0.05, capsys=capsys)
+    assert "reference: a frozen copy of" in log and record["aux_loss"] > 0
+    assert record["kl"] == 0.0

@@ -20,7 +20,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
-                          PreTrainedTokenizerFast)
+                          PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 NUMBERS = "zero one two three four five six seven eight nine".split()
@@ -72,9 +72,26 @@ def tiny_mixtral_config(vocab_size: int = len(VOCAB), **changes) -> MixtralConfi
 def write_mixtral_folder(folder, seed: int = 0, **changes) -> Path:
     """A random tiny Mixtral (``tiny_mixtral_config(**changes)``) and the tokenizer, saved
     with ``save_pretrained`` into ``folder``."""
-    folder = Path(folder)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(tiny_mixtral_config(**changes))
+    return _write_folder(folder, MixtralForCausalLM(tiny_mixtral_config(**changes)))
+
+
+def write_qwen3_moe_folder(folder, seed: int = 0) -> Path:
+    """A random tiny Qwen3-MoE (H = 32, 2 layers, 8 experts of width 16, top-4 without
+    renormalising the weights, ``norm_topk_prob=False``) and the tokenizer."""
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
+                         moe_intermediate_size=16, num_experts=8, num_experts_per_tok=4,
+                         norm_topk_prob=False, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         router_aux_loss_coef=0.01, tie_word_embeddings=False,
+                         bos_token_id=VOCAB["<s>"], eos_token_id=VOCAB["</s>"],
+                         pad_token_id=VOCAB["<pad>"])
+    return _write_folder(folder, Qwen3MoeForCausalLM(cfg))
+
+
+def _write_folder(folder, model) -> Path:
+    folder = Path(folder)
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
