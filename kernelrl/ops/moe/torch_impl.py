@@ -97,6 +97,15 @@ def _grouped_mm_here(a: torch.Tensor, b: torch.Tensor) -> bool:
     return fits(a) and fits(b)
 
 
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mm: torch.dtype) -> None:
+    """out = a·b in the GEMM dtype ``mm``: written in place when every operand is in it,
+    else computed in ``mm`` and rounded into ``out``."""
+    if out.dtype == mm and a.dtype == mm and b.dtype == mm:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.to(mm) @ b.to(mm))
+
+
 def _per_expert(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, mm: torch.dtype,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """[N·K, Q]: row p of expert e's range is a[p]·b[e] (a [N·K, P], b [E, P, Q], any
@@ -105,10 +114,7 @@ def _per_expert(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, mm: tor
         return torch.nn.functional.grouped_mm(a, b, offs=offsets[1:])
     out = torch.empty(a.shape[0], b.shape[2], dtype=out_dtype, device=a.device)
     for e, lo, hi in _ranges(offsets):
-        if out.dtype == mm and a.dtype == mm and b.dtype == mm:
-            torch.mm(a[lo:hi], b[e], out=out[lo:hi])
-        else:
-            out[lo:hi] = a[lo:hi].to(mm) @ b[e].to(mm)
+        _mm_into(out[lo:hi], a[lo:hi], b[e], mm)
     return out
 
 
@@ -125,10 +131,7 @@ def _per_expert_sum(a: torch.Tensor, c: torch.Tensor, offsets: torch.Tensor, mm:
         if e not in hit:
             out[e].zero_()
     for e, lo, hi in ranges:
-        if out.dtype == mm and a.dtype == mm and c.dtype == mm:
-            torch.mm(a[lo:hi].t(), c[lo:hi], out=out[e])
-        else:
-            out[e] = a[lo:hi].to(mm).t() @ c[lo:hi].to(mm)
+        _mm_into(out[e], a[lo:hi].t(), c[lo:hi], mm)
     return out
 
 
