@@ -26,6 +26,10 @@ Targets, both cases at B=256 T=2048 fp32 (printed MET / NOT MET / NOT CHECKED wi
 numbers, never asserted): on a GPU kernelrl at least 3x faster than eager and than
 compile; on a CPU no slower than either (the median of >= 5 paired round-robin runs).
 
+Each run also times B=4 T=64, where a call costs only its host overhead (Python, autograd,
+launches). On a GPU the target shape is close to that too: its PPO case moves about 41 MB,
+under 10 µs at an H200's peak bandwidth (arithmetic, not a measurement).
+
 Run (the target shape; --quick: B=64 T=1024, as benchmarks/run.py ppo_loss does):
   python benchmarks/bench_ppo_loss.py --device cpu --reps 7 --out cpu.json
   python benchmarks/bench_ppo_loss.py --device cuda --out gpu.json
@@ -49,6 +53,7 @@ BENCH = "ppo_loss"
 CASE_NAMES = {"ppo": "ppo_loss fwd+bwd PPO", "grpo": "ppo_loss fwd+bwd GRPO"}
 IMPLS = KERNELRL_IMPLS + ("eager", "compile")
 TARGET_SHAPE = {"B": 256, "T": 2048}            # the issue's shape, CPU and GPU
+HOST_SHAPE = {"B": 4, "T": 64}                  # host-bound: the per-call overhead
 GPU_SPEEDUP = 3
 KW = {"ppo": dict(dual_clip=3.0, value_clip=0.2, vf_coef=0.1, entropy_coef=0.01,
                   kl_loss_coef=0.05, agg="token-mean"),
@@ -57,9 +62,11 @@ GRAD_INPUTS = ("logprobs", "values", "entropy")
 
 
 def plan(device: str, quick: bool) -> list:
-    """[(case_id, shape, dtype)]. ``quick``: B=64, T=1024, seconds per implementation."""
+    """[(case_id, shape, dtype)]. ``quick``: B=64, T=1024, seconds per implementation.
+    Both also run HOST_SHAPE, where the device work is negligible and a call costs what
+    Python, autograd and the launches cost (on a GPU the target shape is close to that)."""
     shape = {"B": 64, "T": 1024} if quick else TARGET_SHAPE
-    return [("ppo", shape, "fp32"), ("grpo", shape, "fp32")]
+    return [(case, s, "fp32") for s in (shape, HOST_SHAPE) for case in ("ppo", "grpo")]
 
 
 # ----------------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ def register_op(name: str, impls: dict[str, Implementation], *,
                              f"Implementation, got {type(impl).__name__}")
     spec = OpSpec(name, dict(impls), dict(skip or {}), examples, fn)
     _OPS[name] = spec
+    _choices.clear()
     return spec
 
 
@@ -358,6 +359,7 @@ def reload_tuned() -> None:
     with _tuned_lock:
         _tuned_cache.clear()
         builtin_table.cache_clear()
+        _choices.clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,7 +459,22 @@ def _select(op: str, device: torch.device, dtype: torch.dtype) -> str:
             raise BackendError(f"{where}={forced} cannot run {op} on "
                                f"{device.type} {dtype_name(dtype)}: {why}")
         return forced
-    return _default_choice(op, device.type, dtype, device.index)
+    # The unforced choice is a pure function of this key until reload_tuned() or
+    # register_op(): remembered, it costs a dict lookup instead of the table walk (a few µs
+    # on every op call). _native_status is part of the key so that replacing it (tests do)
+    # is seen; the key holds a reference, so its id is never reused while cached.
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    key = (op, device.type, index, dtype, triton_interpret(), _native_status)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _default_choice(op, device.type, dtype, index)
+    return choice
+
+
+#: (op, device type, index, dtype, TRITON_INTERPRET, native status fn) -> unforced choice
+_choices: dict = {}
 
 
 @dataclass(frozen=True)

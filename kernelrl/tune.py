@@ -525,5 +525,5 @@ def seed_builtin(results: Path, table: Path | None = None) -> int:
     text = (f'"""{module.__doc__}"""\n\nTABLE = '
             + pprint.pformat(merged, width=96, sort_dicts=True) + "\n")
     table_path.write_text(text, encoding="utf-8")
-    backend.builtin_table.cache_clear()
+    backend.reload_tuned()
     return count

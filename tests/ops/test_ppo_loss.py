@@ -487,6 +487,48 @@ def test_bad_input_raises_value_error_naming_the_argument(call, message):
         call()
 
 
+def test_remembered_config_still_checks_every_call():
+    """The checked scalars are remembered per call signature: a value equal to an accepted
+    one but of another type (True == 1), or an unhashable one, is still refused."""
+    _bad(clip_eps=1)()                                  # accepted, and now remembered
+    with pytest.raises(ValueError, match="clip_eps: expected a Python number, got bool"):
+        _bad(clip_eps=True)()
+    with pytest.raises(ValueError, match="dual_clip: expected a Python number, got list"):
+        _bad(dual_clip=[3.0])()
+    x = make_inputs(2, 3, torch.float32, "cpu", options=("entropy",))
+    ppo_loss(**{**x, "entropy_coef": 0.01})             # accepted with entropy given
+    with pytest.raises(ValueError, match="entropy_coef: is 0.01 but entropy was not given"):
+        _bad(entropy_coef=0.01)()                       # the same scalars, no entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.float16])
+def test_less_common_mask_dtypes_pass_the_checks(dtype):
+    x = make_inputs(3, 7, torch.float32, "cpu")
+    want = run(ppo_loss, x)
+    got = run(ppo_loss, {**x, "mask": x["mask"].to(dtype)})
+    assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_forward_without_autograd_matches(monkeypatch, name):
+    """Under no_grad, or with no input that takes a gradient, the forward runs without
+    the autograd Function: the same loss and stats, and a loss that takes no gradient."""
+    use_backend(monkeypatch, name, "cpu", op="ppo_loss")
+    x = {k: v.requires_grad_(k in GRAD_INPUTS) if torch.is_tensor(v) else v
+         for k, v in make_inputs(5, 33, torch.float32, "cpu").items()}
+    loss, stats = ppo_loss(**x, agg="seq-mean-token-mean")
+    assert loss.requires_grad
+    with torch.no_grad():
+        plain = ppo_loss(**x, agg="seq-mean-token-mean")
+    detached = ppo_loss(**{k: v.detach() if isinstance(v, torch.Tensor) else v
+                           for k, v in x.items()}, agg="seq-mean-token-mean")
+    for other_loss, other_stats in (plain, detached):
+        assert not other_loss.requires_grad
+        assert torch.equal(other_loss, loss.detach())
+        assert list(other_stats) == list(stats)
+        assert all(torch.equal(other_stats[k], stats[k]) for k in stats)
+
+
 # ---- the native backend: mixed dtypes, its custom ops, CUDA tensors ----------------------
 
 @pytest.mark.parametrize("name", BACKENDS)

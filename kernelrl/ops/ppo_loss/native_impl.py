@@ -28,22 +28,24 @@ def _no_cuda(*args):
 def _operands(x: PPOInputs) -> list:
     """The ten kernel operands in PPOInputs order (None where absent), contiguous: the float
     inputs in one dtype (logprobs', or float32 where they differ: exact, but for a float64
-    one, rounded as the other backends' float32 math rounds it), the mask uint8 or float32."""
+    one, rounded as the other backends' float32 math rounds it), the mask uint8 or float32.
+    Runs twice per step (forward and backward): the common case (one dtype, contiguous)
+    takes one pass with no conversion."""
     if x.logprobs.device.type != "cpu":
         _no_cuda()
     dtype = x.logprobs.dtype
-    if any(t is not None and t.dtype != dtype for i, t in enumerate(x) if i != 3):
-        dtype = torch.float32
-    out = []
-    for i, t in enumerate(x):
+    out = list(x)
+    mask = out[3]
+    out[3] = None
+    for t in out:
+        if t is not None and t.dtype != dtype:
+            dtype = torch.float32
+            break
+    for i, t in enumerate(out):
         if t is not None:
-            if i == 3:      # the mask
-                t = t.view(torch.uint8) if t.dtype == torch.bool else t
-                t = t if t.dtype in _MASK_KIND else t.to(torch.float32)
-            elif t.dtype != dtype:
-                t = t.to(dtype)
-            t = t.contiguous()
-        out.append(t)
+            out[i] = (t if t.dtype == dtype else t.to(dtype)).contiguous()
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    out[3] = (mask if mask.dtype in _MASK_KIND else mask.to(torch.float32)).contiguous()
     return out
 
 
@@ -106,7 +108,8 @@ def _bwd_eager(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     B, T = logprobs.shape
     grads = [torch.empty((B, T) if need else (0,), dtype=logprobs.dtype, device=logprobs.device)
              for need in (need_logprobs, need_values, need_entropy)]
-    scalars = [t.float().contiguous() for t in (grad_loss, omega, vf_scale)]
+    scalars = [t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+               for t in (grad_loss, omega, vf_scale)]
     lib = _native.library()
     _native.launch(logprobs.device, lib.ppo_loss_bwd_cpu, _no_cuda,
                    *_ptrs((logprobs, old_logprobs, advantages, mask, values, old_values,
@@ -159,5 +162,5 @@ def _native_bwd(x: PPOInputs, saved, cfg: PPOConfig, grad_loss, omega, vf_scale,
     fn = _bwd_op if torch.compiler.is_compiling() else _bwd_eager
     grads = fn(*ops, grad_loss, omega, vf_scale, *_token_scalars(cfg), cfg.entropy_coef,
                cfg.kl_loss_coef, *needs)
-    return tuple(g.to(t.dtype) if need else None
+    return tuple((g if g.dtype == t.dtype else g.to(t.dtype)) if need else None
                  for g, t, need in zip(grads, (x.logprobs, x.values, x.entropy), needs))

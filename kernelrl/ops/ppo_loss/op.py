@@ -3,6 +3,7 @@ docstring for the math)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +24,10 @@ from kernelrl.ops.ppo_loss.triton_impl import _triton_bwd, _triton_fwd
 #       gradients of grad_loss·loss for (logprobs, values, entropy), None where not needed
 #: why dispatch passes native over on a GPU (forced there, it raises BackendError)
 NATIVE_CPU_ONLY = "no CUDA kernels: csrc/ppo_loss is CPU only (Triton serves the GPU)"
+#: every dtype a mask may have (bool, integer or float: its value is the token's weight)
+_MASK_DTYPES = frozenset((torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
+                          torch.int64, torch.uint16, torch.uint32, torch.uint64)
+                         + FLOAT_DTYPES)
 _KERNELS = {"native": (_native_fwd, _native_bwd), "torch": (_torch_fwd, _torch_bwd),
             "triton": (_triton_fwd, _triton_bwd)}
 
@@ -34,12 +39,9 @@ class PPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, backend, *tensors):
-        x = PPOInputs(*tensors)
-        needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[6], ctx.needs_input_grad[9])
-        present = (x.values is not None, x.entropy is not None, x.ref_logprobs is not None)
-        out_dtype = torch.float64 if x.logprobs.dtype == torch.float64 else torch.float32
-        loss, stats, omega, vf_scale, saved = _KERNELS[backend][0](x, cfg, any(needs), present,
-                                                                   out_dtype)
+        needs = ctx.needs_input_grad
+        loss, stats, omega, vf_scale, saved = _forward(cfg, backend, tensors,
+                                                       needs[2] or needs[6] or needs[9])
         ctx.save_for_backward(*tensors, omega, vf_scale, *saved)
         ctx.config = (cfg, backend, len(tensors))
         ctx.mark_non_differentiable(stats)
@@ -55,6 +57,26 @@ class PPOLossFunction(torch.autograd.Function):
         g_lp, g_v, g_ent = _KERNELS[backend][1](x, rest, cfg, grad_loss, omega, vf_scale,
                                                 needs)
         return (None, None, g_lp, None, None, None, g_v, None, None, g_ent, None, None)
+
+
+def _forward(cfg: PPOConfig, backend: str, tensors: tuple, need_grads: bool):
+    """The backend's forward on the PPOInputs ``tensors``: (loss, stats, ω, vf_scale,
+    tensors to save)."""
+    x = PPOInputs(*tensors)
+    present = (x.values is not None, x.entropy is not None, x.ref_logprobs is not None)
+    out_dtype = torch.float64 if x.logprobs.dtype == torch.float64 else torch.float32
+    return _KERNELS[backend][0](x, cfg, need_grads, present, out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _stat_columns(has_values: bool, has_entropy: bool, has_ref: bool,
+                  has_rollout: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The stats a call returns (names, their columns): a term's stats only where its
+    input was given."""
+    absent = {"vf_loss": has_values, "vf_clipfrac": has_values, "entropy": has_entropy,
+              "kl_loss": has_ref, "tis_weight_mean": has_rollout, "tis_clipfrac": has_rollout}
+    kept = [(name, j) for j, name in enumerate(COLUMNS) if j and absent.get(name, True)]
+    return tuple(n for n, _ in kept), tuple(j for _, j in kept)
 
 
 
@@ -73,41 +95,64 @@ def _number(name: str, value, low: float = -math.inf, strict: bool = False) -> f
 
 
 def _check_inputs(x: PPOInputs) -> None:
-    check_tensor("logprobs", x.logprobs, dtypes=FLOAT_DTYPES, ndim=2)
-    shape = x.logprobs.shape
-    for name, t in zip(PPOInputs._fields[1:], x[1:]):
-        if t is None:
+    lp = x.logprobs
+    check_tensor("logprobs", lp, dtypes=FLOAT_DTYPES, ndim=2)
+    shape, device = lp.shape, lp.device
+    for i, t in enumerate(x):
+        # the common case in one test per tensor; anything else gets the full check
+        if t is None or i == 0 or (isinstance(t, torch.Tensor) and t.device == device
+                                   and (t.shape == shape or i == 2 and t.shape == shape[:1])
+                                   and t.dtype in (_MASK_DTYPES if i == 3 else FLOAT_DTYPES)):
             continue
-        check_tensor(name, t, dtypes=None if name == "mask" else FLOAT_DTYPES)
-        if t.dtype.is_complex:
-            raise ValueError(f"mask: expected a bool, integer or float dtype, got {t.dtype}")
-        check_same_device(name, t, x.logprobs.device)
-        allowed = (shape, shape[:1]) if name == "advantages" else (shape,)
-        if t.shape not in allowed:
-            raise ValueError(f"{name}: expected shape " + " or ".join(
-                str(tuple(a)) for a in allowed) + f" (as logprobs), got {tuple(t.shape)}")
-    given = {n: getattr(x, n) is not None for n in ("values", "old_values", "returns")}
-    if any(given.values()) and not all(given.values()):
+        _check_input(PPOInputs._fields[i], t, shape, device)
+    if not (x.values is None) == (x.old_values is None) == (x.returns is None):
+        given = {n: getattr(x, n) is not None for n in ("values", "old_values", "returns")}
         raise ValueError("values, old_values, returns: expected all three or none, got "
                          + ", ".join(f"{n}={'given' if g else 'None'}" for n, g in given.items()))
 
 
-def _config(x: PPOInputs, clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef,
-            entropy_coef, kl_loss_coef, agg, norm_length, tis_cap) -> PPOConfig:
-    """The scalar arguments checked (ValueError naming the argument) into a PPOConfig."""
+def _check_input(name: str, t, shape: torch.Size, device: torch.device) -> None:
+    """The full check of input ``name`` (type, dtype, device, shape), each failure a
+    ValueError naming it."""
+    check_tensor(name, t, dtypes=None if name == "mask" else FLOAT_DTYPES)
+    if t.dtype.is_complex:
+        raise ValueError(f"mask: expected a bool, integer or float dtype, got {t.dtype}")
+    check_same_device(name, t, device)
+    allowed = (shape, shape[:1]) if name == "advantages" else (shape,)
+    if t.shape not in allowed:
+        raise ValueError(f"{name}: expected shape " + " or ".join(
+            str(tuple(a)) for a in allowed) + f" (as logprobs), got {tuple(t.shape)}")
+
+
+def _config(x: PPOInputs, *scalars) -> PPOConfig:
+    """The scalar arguments (clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef,
+    entropy_coef, kl_loss_coef, agg, norm_length, tis_cap) checked (ValueError naming the
+    argument) into a PPOConfig. A training loop passes the same ones every step: the checked
+    config is remembered (keyed by value and type, so True is never taken for 1)."""
+    key = (x.logprobs.shape[1], x.rollout_logprobs is not None, x.entropy is not None,
+           x.ref_logprobs is not None, *scalars)
+    try:
+        return _checked_config(*key)
+    except TypeError:               # an unhashable argument: the uncached check says why
+        return _checked_config.__wrapped__(*key)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _checked_config(T, has_rollout, has_entropy, has_ref, clip_eps, clip_eps_high, dual_clip,
+                    value_clip, vf_coef, entropy_coef, kl_loss_coef, agg, norm_length,
+                    tis_cap) -> PPOConfig:
     check_choice("agg", agg, AGG_MODES)
     clip_eps = _number("clip_eps", clip_eps, 0.0)
     high = clip_eps if clip_eps_high is None else _number("clip_eps_high", clip_eps_high, 0.0)
-    if tis_cap is not None and x.rollout_logprobs is None:
+    if tis_cap is not None and not has_rollout:
         raise ValueError("tis_cap: given without rollout_logprobs (the weights it caps)")
     if norm_length is not None and agg != "seq-mean-token-sum-norm":
         raise ValueError(f"norm_length: used only with agg='seq-mean-token-sum-norm', "
                          f"got agg={agg!r}")
-    for name, coef, what in (("entropy_coef", entropy_coef, "entropy"),
-                             ("kl_loss_coef", kl_loss_coef, "ref_logprobs")):
-        if _number(name, coef) != 0 and getattr(x, what) is None:
+    for name, coef, what, given in (("entropy_coef", entropy_coef, "entropy", has_entropy),
+                                    ("kl_loss_coef", kl_loss_coef, "ref_logprobs", has_ref)):
+        if _number(name, coef) != 0 and not given:
             raise ValueError(f"{name}: is {coef} but {what} was not given")
-    T = x.logprobs.shape[1]
     return PPOConfig(
         lo=1.0 - clip_eps, hi=1.0 + high,
         dual_clip=math.inf if dual_clip is None else _number("dual_clip", dual_clip, 1.0, True),
@@ -156,14 +201,20 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps
     cfg = _config(x, clip_eps, clip_eps_high, dual_clip, value_clip, vf_coef, entropy_coef,
                   kl_loss_coef, agg, norm_length, tis_cap)
     backend = _backend.select("ppo_loss", logprobs.device, logprobs.dtype)
-    loss, stats = PPOLossFunction.apply(cfg, backend,
-                                        *(None if t is None else t.contiguous() for t in x))
-    given = {"vf_loss": values, "vf_clipfrac": values, "entropy": entropy,
-             "kl_loss": ref_logprobs, "tis_weight_mean": rollout_logprobs,
-             "tis_clipfrac": rollout_logprobs}
-    values_ = stats.unbind(0)      # one op for all eleven views
-    return loss, {name: values_[j] for j, name in enumerate(COLUMNS)
-                  if j and given.get(name, logprobs) is not None}
+    tensors = tuple(None if t is None else t.contiguous() for t in x)
+    if torch.is_grad_enabled() and (logprobs.requires_grad or _wants_grad(values)
+                                    or _wants_grad(entropy)):
+        loss, stats = PPOLossFunction.apply(cfg, backend, *tensors)
+    else:           # nothing to differentiate: the forward alone, without autograd's cost
+        loss, stats = _forward(cfg, backend, tensors, False)[:2]
+    names, columns = _stat_columns(values is not None, entropy is not None,
+                                   ref_logprobs is not None, rollout_logprobs is not None)
+    views = stats.unbind(0)         # one op for all eleven views
+    return loss, dict(zip(names, [views[j] for j in columns]))
+
+
+def _wants_grad(t) -> bool:
+    return t is not None and t.requires_grad
 
 
 def _examples(device: torch.device, dtype: torch.dtype) -> list:
