@@ -1,8 +1,9 @@
 // bind.cpp (ppo_loss): the family's entry points in kernelrl._native (math in ppo_loss.h; the
-// conversions from Python in common/bind.h). CPU only: the GPU runs the Triton kernels of
-// kernelrl/ops/ppo_loss/triton_impl.py, so there is no ppo_loss_*_cuda.
-//   ppo_loss_fwd_cpu   per-row masked sums, then loss, stats, row weights omega, vf_scale
-//   ppo_loss_bwd_cpu   the gradients to logprobs, values and entropy
+// conversions from Python and the CUDA-less behaviour in common/bind.h):
+//   ppo_loss_fwd_cpu / ppo_loss_fwd_cuda   per-row masked sums, then loss, stats, row weights
+//                                          omega, vf_scale
+//   ppo_loss_bwd_cpu / ppo_loss_bwd_cuda   the gradients to logprobs, values and entropy
+//   ppo_loss_cuda_workspace                doubles of the CUDA forward's workspace (every build)
 #include <pybind11/pybind11.h>
 
 #include "common/bind.h"
@@ -11,7 +12,7 @@
 namespace kernelrl {
 namespace {
 
-constexpr const char* kDoc = R"doc(ppo_loss: the PPO / GRPO loss (+ value, entropy, KL), CPU only.
+constexpr const char* kDoc = R"doc(ppo_loss: the PPO / GRPO loss (+ value, entropy, KL).
 
 The float inputs are contiguous [B, T] in dtype (advantages [B] if adv_per_row); 0 (null) for an
 absent optional one (values, old_values, returns: all or none). mask is uint8 (mask_kind 0: bool
@@ -29,6 +30,10 @@ loss = pg_loss + vf_coef vf_loss - entropy_coef entropy + kl_loss_coef kl_loss (
 vf_scale = vf_coef / N.  Backward (g = grad_loss), 0 on padding:
   d/dlogprobs = g omega_b m (w [unclipped] (-A r) + kl_loss_coef (1 - exp(-k)))
   d/dvalues = g vf_scale m [unclipped] (V - R);  d/dentropy = -entropy_coef g omega_b m.
+CUDA twins (*_cuda): the same arguments on device pointers plus stream (a cudaStream_t as int),
+asynchronous, bitwise reproducible; the forward's rows is then a required float64 workspace of
+ppo_loss_cuda_workspace(B, T) doubles (may be 0 only where that is 0), content unspecified on
+return. Every exp is a float64 exp rounded to float32 (the CPU's may differ by 1 ulp).
 )doc";
 
 constexpr auto kInputs = bind::args("logprobs", "old_logprobs", "advantages", "mask", "values",
@@ -61,6 +66,17 @@ void bind_ppo_loss(pybind11::module_& m) {
   bind::def_kernel(m, "ppo_loss_bwd_cpu", &ppo_loss_bwd_cpu, concat(kInputs, kBwdRest),
                    "Backward on CPU: the gradients wanted (null pointer: not wanted). See the "
                    "module doc.");
+  KERNELRL_DEF_CUDA(m, "ppo_loss_fwd_cuda", ppo_loss_fwd_cuda, concat(kInputs, kFwdRest),
+                    "Forward on CUDA (device pointers; stream is a cudaStream_t as int; rows is "
+                    "the workspace, ppo_loss_cuda_workspace(n_rows, n_cols) doubles). "
+                    "Asynchronous.");
+  KERNELRL_DEF_CUDA(m, "ppo_loss_bwd_cuda", ppo_loss_bwd_cuda, concat(kInputs, kBwdRest),
+                    "Backward on CUDA (device pointers; stream is a cudaStream_t as int). "
+                    "Asynchronous.");
+  m.def("ppo_loss_cuda_workspace", &ppo_loss_cuda_workspace, pybind11::arg("n_rows"),
+        pybind11::arg("n_cols"),
+        "float64 elements of the workspace (rows) ppo_loss_fwd_cuda needs for n_rows x n_cols: "
+        "11 per row and tile of 2048 tokens; 0 when either is 0.");
 }
 
 }  // namespace kernelrl

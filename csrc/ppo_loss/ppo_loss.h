@@ -1,8 +1,9 @@
-// ppo_loss.h: the PPO / GRPO / DAPO policy loss with optional value, entropy and k3 KL terms on
-// CPU: the forward's per-row masked sums and the scalars finished from them, and the backward's
-// gradients. The C++ twin of the Triton kernels of kernelrl/ops/ppo_loss/triton_impl.py
-// (_token_terms, _ppo_fwd_kernel, _ppo_finish_kernel, _ppo_bwd_kernel), which serve the GPU:
-// this family has no CUDA part. The math and its sources: kernelrl/ops/ppo_loss/__init__.py.
+// ppo_loss.h: the PPO / GRPO / DAPO policy loss with optional value, entropy and k3 KL terms:
+// the forward's per-row masked sums and the scalars finished from them, and the backward's
+// gradients, on CPU (ppo_loss_cpu.cpp) and on CUDA (ppo_loss.cu: the same outputs, one call per
+// direction; see "CUDA twins" below). Both mirror the Triton kernels of
+// kernelrl/ops/ppo_loss/triton_impl.py (_token_terms, _ppo_fwd_kernel, _ppo_finish_kernel,
+// _ppo_bwd_kernel). The math and its sources: kernelrl/ops/ppo_loss/__init__.py.
 //
 // Shape legend: B rows (sequences), T columns (tokens per row).
 //
@@ -39,7 +40,7 @@
 //   d/dvalues   = (g vf_scale m) (vclipped ? 0 : V - R)
 //   d/dentropy  = (-entropy_coef g omega_b) m
 //
-// Numerics: inputs upcast to fp32 (exactly); the terms are fp32; the sums and the finish are
+// Numerics (CPU): inputs upcast to fp32 (exactly); the terms are fp32; the sums and the finish are
 // float64, the outputs stored as fp32. exp is simd::exp: within 1 ulp of exp over [-86.5, 88.72]
 // (checked against float64 at every 7th float), exactly 0 below; the Triton kernels round a
 // float64 exp, so the two differ by at most 1 ulp, or by < 3e-38 absolute. k3 for |k| < 2 is its
@@ -55,6 +56,20 @@
 // k B T b + B T mask bytes and writes 4 B + 52 bytes (omega, loss, stats, vf_scale; 88 B more
 // with rows); the backward reads the same and writes B T b per gradient. Past a row's last real
 // token only the mask is read (a run of padding is skipped), so right padding costs its mask.
+//
+// CUDA twins (ppo_loss.cu; compiled only with the CUDA part): the CPU entry points' arguments plus
+// a trailing `stream` (a cudaStream_t); every pointer is a device pointer, the call is
+// asynchronous on the stream (no host sync, no allocation). Differences: the forward's `rows` is
+// a required float64 workspace of at least ppo_loss_cuda_workspace(B, T) doubles (it may be null
+// only where that is 0), holding per-(row, tile) partial sums while the call runs: its content on
+// return is unspecified (not S_b). The outputs are the CPU forward's and backward's (the same
+// columns, finish, agg codes, NaN and padding rules). Per token the same fp32 terms, except that
+// every exp is a float64 exp rounded to fp32 (as the Triton kernels' exp_fp64: correctly rounded
+// in practice; the CPU's simd::exp may differ by 1 ulp), k3 beyond |k| >= 2 uses that exp, and
+// g_kl = -expm1(-k) in float64 rounded to fp32 (the Triton kernel's rounded 1 - exp(-k), without
+// its cancellation for tiny k), everywhere. The sums are float64 in another fixed order (tiles
+// of kPpoCudaTile tokens; ppo_loss.cu): results are bitwise reproducible run to run, and match
+// the CPU's to float64 rounding of the same fp32 terms. Outputs must not overlap the inputs.
 //
 // Arguments: pointers, then sizes, then meta. Every [B, T] tensor is contiguous (row stride T);
 // the float inputs are all of `dtype`; advantages is [B] when adv_per_row. mask is uint8
@@ -111,6 +126,27 @@ void ppo_loss_bwd_cpu(
     int64_t n_rows, int64_t n_cols,
     DType dtype, int64_t mask_kind, bool adv_per_row, float lo, float hi, float dual_clip,
     float value_clip, float tis_cap, float entropy_coef, float kl_loss_coef);
+
+// CUDA twins (see above): the CPU twins' arguments plus the stream; `rows` is the workspace.
+void ppo_loss_fwd_cuda(
+    const void* logprobs, const void* old_logprobs, const void* advantages, const void* mask,
+    const void* values, const void* old_values, const void* returns, const void* entropy,
+    const void* ref_logprobs, const void* rollout_logprobs,
+    double* rows,                  // [ppo_loss_cuda_workspace(B, T)] scratch, content unspecified
+    float* loss, float* stats, float* omega, float* vf_scale,
+    int64_t n_rows, int64_t n_cols,
+    DType dtype, int64_t mask_kind, bool adv_per_row, float lo, float hi, float dual_clip,
+    float value_clip, float tis_cap, double vf_coef, double entropy_coef, double kl_loss_coef,
+    int64_t agg, double norm_length, void* stream);
+
+void ppo_loss_bwd_cuda(
+    const void* logprobs, const void* old_logprobs, const void* advantages, const void* mask,
+    const void* values, const void* old_values, const void* returns, const void* entropy,
+    const void* ref_logprobs, const void* rollout_logprobs, const float* grad_loss,
+    const float* omega, const float* vf_scale, void* grad_logprobs, void* grad_values,
+    void* grad_entropy, int64_t n_rows, int64_t n_cols,
+    DType dtype, int64_t mask_kind, bool adv_per_row, float lo, float hi, float dual_clip,
+    float value_clip, float tis_cap, float entropy_coef, float kl_loss_coef, void* stream);
 
 // ---- argument checks --------------------------------------------------------------------------
 
@@ -198,4 +234,18 @@ inline void check_ppo_bwd_args(const char* fn, const void* logprobs, const void*
 }
 
 }  // namespace detail
+
+// ---- the CUDA forward's workspace (a plain host function, in every build) -----------------------
+
+inline constexpr int64_t kPpoCudaTile = 2048;  // tokens of a row per CUDA forward block
+
+// Doubles of the workspace ppo_loss_fwd_cuda needs: kPpoNumCols partial sums per (row, tile),
+// B ceil(T / kPpoCudaTile) kPpoNumCols; 0 when B or T is 0.
+inline int64_t ppo_loss_cuda_workspace(int64_t n_rows, int64_t n_cols) {
+  const char* fn = "ppo_loss_cuda_workspace";
+  if (n_rows < 0) detail::ppo_bad_arg(fn, "n_rows", ">= 0", std::to_string(n_rows));
+  if (n_cols < 0) detail::ppo_bad_arg(fn, "n_cols", ">= 0", std::to_string(n_cols));
+  return n_rows * ((n_cols + kPpoCudaTile - 1) / kPpoCudaTile) * kPpoNumCols;
+}
+
 }  // namespace kernelrl

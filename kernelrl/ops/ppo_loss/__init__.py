@@ -51,8 +51,11 @@ elementwise pass writing every gradient. Bytes moved, for k ≤ 10 [B, T] inputs
 bytes: forward k·B·T·b read; backward the same plus B·T·b written per gradient.
 
 Implementations (chosen per call, see kernelrl.backend):
-    native   C++ on CPU (csrc/ppo_loss): one pass per row forward (float64 row sums and
-             the finish in C++), one backward pass recomputing the terms; the CPU default
+    native   C++ on CPU, CUDA on a GPU (csrc/ppo_loss): one call per direction (the
+             forward's float64 row sums and the finish, the backward recomputing the
+             terms), so a GPU step costs two kernel launches from C++ forward and one
+             backward; the CPU default. On CUDA, dispatch takes it once `kernelrl tune` has
+             measured it faster there
     torch    plain torch, fp32 (fp64 for fp64 logprobs); the forward keeps the gradient
              coefficients, the backward scales them (any device; float64)
     triton   the GPU path: a forward over [B, ⌈T/BLOCK_T⌉] programs, a one-program finish,

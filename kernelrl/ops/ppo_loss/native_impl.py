@@ -1,7 +1,8 @@
-"""ppo_loss on kernelrl._native (csrc/ppo_loss): the C++ CPU twin of the Triton kernels, one
-call per direction. The forward sums every term per row (float64) and finishes loss, stats,
-ω and vf_scale in the same call; the backward recomputes the terms and writes the gradients.
-Nothing is saved between them. CPU tensors only: the GPU runs the Triton kernels.
+"""ppo_loss on kernelrl._native (csrc/ppo_loss): C++ kernels on CPU, CUDA kernels on a GPU
+(the twins of the Triton kernels), one call per direction. The forward sums every term per
+row (float64) and finishes loss, stats, ω and vf_scale in the same call (on CUDA: two kernels
+from that one call, with a float64 workspace for the per-tile sums); the backward recomputes
+the terms and writes the gradients. Nothing is saved between them.
 
 Each direction is a ``torch.library.custom_op`` (what torch.compile traces); run eagerly, the
 same function is called directly, without the dispatcher's per-call cost.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from kernelrl import backend as _backend
 from kernelrl.ops import _native
 from kernelrl.ops.ppo_loss.common import AGG_MODES, NCOLS, PPOConfig, PPOInputs
 
@@ -20,19 +20,12 @@ from kernelrl.ops.ppo_loss.common import AGG_MODES, NCOLS, PPOConfig, PPOInputs
 _MASK_KIND = {torch.uint8: 0, torch.float32: 1}
 
 
-def _no_cuda(*args):
-    raise _backend.BackendError("ppo_loss: the native backend has CPU kernels only; CUDA "
-                                "tensors run the triton backend")
-
-
 def _operands(x: PPOInputs) -> list:
     """The ten kernel operands in PPOInputs order (None where absent), contiguous: the float
     inputs in one dtype (logprobs', or float32 where they differ: exact, but for a float64
     one, rounded as the other backends' float32 math rounds it), the mask uint8 or float32.
     Runs twice per step (forward and backward): the common case (one dtype, contiguous)
     takes one pass with no conversion."""
-    if x.logprobs.device.type != "cpu":
-        _no_cuda()
     dtype = x.logprobs.dtype
     out = list(x)
     mask = out[3]
@@ -72,10 +65,15 @@ def _fwd_eager(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     loss, stats = torch.empty((), **f32), torch.empty(NCOLS, **f32)
     omega, vf_scale = torch.empty(B, **f32), torch.empty((), **f32)
     lib = _native.library()
-    _native.launch(device, lib.ppo_loss_fwd_cpu, _no_cuda,
+    rows = None                     # CPU: the row sums are not kept
+    if device.type == "cuda":       # the per-tile sums' workspace, float64
+        rows = torch.empty(lib.ppo_loss_cuda_workspace(B, T), dtype=torch.float64,
+                           device=device)
+    _native.launch(device, lib.ppo_loss_fwd_cpu, lib.ppo_loss_fwd_cuda,
                    *_ptrs((logprobs, old_logprobs, advantages, mask, values, old_values,
                            returns, entropy, ref_logprobs, rollout_logprobs)),
-                   0, loss.data_ptr(), stats.data_ptr(), omega.data_ptr(),
+                   0 if rows is None else rows.data_ptr(), loss.data_ptr(), stats.data_ptr(),
+                   omega.data_ptr(),
                    vf_scale.data_ptr(), B, T, _native.dtype_code(logprobs.dtype),
                    _MASK_KIND[mask.dtype], advantages.dim() == 1, lo, hi, dual_clip,
                    value_clip, tis_cap, vf_coef, entropy_coef, kl_loss_coef, agg, norm_length)
@@ -111,7 +109,7 @@ def _bwd_eager(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     scalars = [t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
                for t in (grad_loss, omega, vf_scale)]
     lib = _native.library()
-    _native.launch(logprobs.device, lib.ppo_loss_bwd_cpu, _no_cuda,
+    _native.launch(logprobs.device, lib.ppo_loss_bwd_cpu, lib.ppo_loss_bwd_cuda,
                    *_ptrs((logprobs, old_logprobs, advantages, mask, values, old_values,
                            returns, entropy, ref_logprobs, rollout_logprobs)),
                    *_ptrs(scalars),
