@@ -348,7 +348,9 @@ def _time_all(case: Case, fns: dict, sets: list, rows: dict, warmup: int, reps: 
                 case, name, **(case.impls[name].info or {}), median_ms=timing["median_ms"],
                 times_ms=timing.get("times_ms"), spread=timing.get("spread"),
                 paired=bool(timing.get("paired")), n_input_copies=len(sets),
-                **({"n_runs": timing["n_runs"]} if "n_runs" in timing else {}))
+                **({"n_runs": timing["n_runs"]} if "n_runs" in timing else {}),
+                **({"calls_per_round": timing["calls_per_round"]}
+                   if "calls_per_round" in timing else {}))
             progress.log(f"  {name}: median {timing['median_ms']:.3f} ms")
         except Exception as e:
             rows[name] = make_row(case, name, status="error", error=short_error(e))

@@ -9,7 +9,10 @@ CPU
     implementations of a case are timed round-robin (:func:`time_cpu_interleaved`), so a
     burst of load from elsewhere lands on all of them, and round ``i`` of one
     implementation can be paired with round ``i`` of another (the CPU speed targets use the
-    median of those paired ratios).
+    median of those paired ratios). A call under ``MIN_ROUND_MS`` (a host-bound shape) is
+    repeated within its round until the round lasts that long, and the round's figure is
+    the mean per call: one call of a few hundred µs, right after another implementation's,
+    would time that switch (cold caches and branch predictors) rather than the call.
 Spread
     Every result carries ``spread``: the interquartile range of its runs over their median.
     Two runs of the same code differ by about that much, so a ratio of two medians within
@@ -24,6 +27,7 @@ Ceilings
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -63,45 +67,72 @@ def time_cpu(fn: Callable[[], Any], warmup: int = 1, reps: int = 5) -> dict:
     return _result(times)
 
 
+#: a CPU round shorter than this repeats its call (module docstring)
+MIN_ROUND_MS = 5.0
+
+
 def time_cpu_interleaved(calls: dict, warmup: int = 1, reps: int = 5,
                          on_call: Optional[Callable[[str, str], None]] = None) -> dict:
-    """Like :func:`time_cpu` for several functions at once, timed round-robin: one call of
-    each per round, the starting one rotating. Returns name -> result dict (``times_ms[i]``
-    is round ``i``, and ``paired`` says every round was timed), or the exception that
-    function raised. ``on_call(name, phase)`` is told before each call (for a progress
-    bar)."""
+    """Like :func:`time_cpu` for several functions at once (each warmed up with ``warmup``
+    calls and one more), timed round-robin: one round of
+    each per round, the starting one rotating and the rest shuffled (:func:`_round_order`);
+    a round is one call, or ``calls_per_round``
+    of them for a call under MIN_ROUND_MS (its figure then the mean per call). Returns
+    name -> result dict (``times_ms[i]`` is round ``i``, and ``paired`` says every round
+    was timed), or the exception that function raised. ``on_call(name, phase)`` is told
+    before each call (for a progress bar)."""
     warmup, reps = max(1, int(warmup)), max(1, int(reps))
     results: dict = {}
     times: dict = {n: [] for n in calls}
+    per_round: dict = {}
     alive = list(calls)
     for n in list(alive):
         try:
-            for _ in range(warmup):
+            once = math.inf      # the fastest warm-up call (the first one is cold)
+            for _ in range(warmup + 1):
                 if on_call:
                     on_call(n, "warm-up")
+                t0 = time.perf_counter()
                 out = calls[n]()
+                once = min(once, (time.perf_counter() - t0) * 1e3)
                 del out
+            per_round[n] = max(1, min(1000, math.ceil(MIN_ROUND_MS / max(once, 1e-3))))
         except Exception as e:
             results[n] = e
             alive.remove(n)
     for r in range(reps):
-        k = r % len(alive) if alive else 0
-        for n in alive[k:] + alive[:k]:
+        for n in _round_order(alive, r):
             if n in results:
                 continue
             try:
                 if on_call:
                     on_call(n, f"round {r + 1}/{reps}")
+                count = per_round[n]
                 t0 = time.perf_counter()
-                out = calls[n]()
-                times[n].append((time.perf_counter() - t0) * 1e3)
-                del out
+                for _ in range(count):
+                    out = calls[n]()
+                    del out
+                times[n].append((time.perf_counter() - t0) * 1e3 / count)
             except Exception as e:
                 results[n] = e
     for n in alive:
         if n not in results:
-            results[n] = dict(_result(times[n]), paired=True)
+            results[n] = dict(_result(times[n]), paired=True, calls_per_round=per_round[n])
     return results
+
+
+def _round_order(names: list, r: int) -> list:
+    """Round ``r``'s order: the starting one rotates, the rest in an order drawn from seed
+    ``r``. In a fixed cyclic order each implementation would always run right after the
+    same other one, and carry whatever that one leaves behind (a loaded allocator, busy
+    OpenMP threads): on 2 cores, at a host-bound shape, two rows running the same code
+    came out 20% apart that way."""
+    if not names:
+        return []
+    first = names[r % len(names)]
+    rest = [n for n in names if n != first]
+    random.Random(r).shuffle(rest)
+    return [first] + rest
 
 
 def time_gpu(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100,

@@ -4,6 +4,7 @@ smoke run of bench_logprobs.py on its own."""
 import json
 import math
 import statistics
+import time
 import textwrap
 
 import pytest
@@ -46,8 +47,8 @@ def test_time_cpu_real_clock_counts_calls():
 def test_time_cpu_interleaved_round_robin_and_errors():
     log = []
 
-    def make(name):
-        return lambda: log.append(name)
+    def make(name):        # slower than MIN_ROUND_MS: one call per round
+        return lambda: (log.append(name), time.sleep(timing.MIN_ROUND_MS * 1.2e-3))
 
     def broken():
         raise RuntimeError("boom")
@@ -56,11 +57,33 @@ def test_time_cpu_interleaved_round_robin_and_errors():
                                       warmup=1, reps=5)
     assert isinstance(res["bad"], RuntimeError)
     assert len(res["a"]["times_ms"]) == 5 and len(res["b"]["times_ms"]) == 5
-    assert log.count("a") == 6 and log.count("b") == 6
-    timed = log[2:]  # after the warm-ups: each round runs a and b once, alternating first
+    assert log.count("a") == 7 and log.count("b") == 7
+    timed = log[4:]  # after the warm-ups (2 each): each round runs a and b once, alternating first
     assert all(sorted(timed[i:i + 2]) == ["a", "b"] for i in range(0, 10, 2))
     assert timed[0] != timed[2]
     assert res["a"]["paired"] and res["b"]["paired"]
+    assert res["a"]["calls_per_round"] == 1
+
+
+def test_time_cpu_interleaved_repeats_short_calls():
+    """A call far under MIN_ROUND_MS is repeated within its round; the round's figure is
+    the mean per call, not the round's total."""
+    log = []
+    slow_ms = timing.MIN_ROUND_MS * 1.2
+
+    def short():
+        log.append("short")
+
+    def slow():
+        log.append("slow")
+        time.sleep(slow_ms * 1e-3)
+
+    res = timing.time_cpu_interleaved({"short": short, "slow": slow}, warmup=1, reps=3)
+    k = res["short"]["calls_per_round"]
+    assert k > 1 and res["slow"]["calls_per_round"] == 1
+    assert log.count("short") == 2 + 3 * k and log.count("slow") == 5
+    assert res["short"]["median_ms"] < timing.MIN_ROUND_MS / 2
+    assert res["slow"]["median_ms"] >= slow_ms
 
 
 def _row(case, impl, ms, status="ok", dtype="bf16", shape=None):
