@@ -3,7 +3,10 @@
 GPU
     ``triton.testing.do_bench`` (CUDA events; it clears L2 before each call), the function
     cycling through several copies of the inputs (:func:`rotating`, :func:`n_input_copies`)
-    so that L2 does not serve them either.
+    so that L2 does not serve them either. The start event runs on the GPU after the L2
+    clear, while the host is already issuing the call: for a call bound by its host side
+    (Python, autograd, launches), the figure leaves out the clear's duration of that host
+    time, by the same amount for every implementation.
 CPU
     ``time.perf_counter``, median of ``reps`` (>= 5) runs after ``warmup`` (>= 1). The
     implementations of a case are timed round-robin (:func:`time_cpu_interleaved`), so a
