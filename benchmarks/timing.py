@@ -4,17 +4,19 @@ GPU
     ``triton.testing.do_bench`` (CUDA events; it clears L2 before each call), the function
     cycling through several copies of the inputs (:func:`rotating`, :func:`n_input_copies`)
     so that L2 does not serve them either. The start event runs on the GPU after the L2
-    clear, while the host is already issuing the call: for a call bound by its host side
-    (Python, autograd, launches), the figure leaves out the clear's duration of that host
-    time, by the same amount for every implementation.
+    clear, while the host is already issuing the call: of a call's host time H (Python,
+    autograd, launches), the figure leaves out min(H, C), C the clear's duration. A call
+    whose host side is shorter than the clear is timed by its device work alone, and
+    between two host-bound calls the ratio of figures, (H1 − C) / (H2 − C), is larger
+    than that of their host times.
 CPU
     ``time.perf_counter``, median of ``reps`` (>= 5) runs after ``warmup`` (>= 1). The
     implementations of a case are timed round-robin (:func:`time_cpu_interleaved`), so a
     burst of load from elsewhere lands on all of them, and round ``i`` of one
     implementation can be paired with round ``i`` of another (the CPU speed targets use the
     median of those paired ratios). A call under ``MIN_ROUND_MS`` (a host-bound shape) is
-    repeated within its round until the round lasts that long, and the round's figure is
-    the mean per call: one call of a few hundred µs, right after another implementation's,
+    repeated within its round until its turn lasts about that long (at most 1000 calls),
+    and the round's figure is the mean per call: one call of a few hundred µs, right after another implementation's,
     would time that switch (cold caches and branch predictors) rather than the call.
 Spread
     Every result carries ``spread``: the interquartile range of its runs over their median.
@@ -77,10 +79,10 @@ MIN_ROUND_MS = 5.0
 def time_cpu_interleaved(calls: dict, warmup: int = 1, reps: int = 5,
                          on_call: Optional[Callable[[str, str], None]] = None) -> dict:
     """Like :func:`time_cpu` for several functions at once (each warmed up with ``warmup``
-    calls and one more), timed round-robin: one round of
-    each per round, the starting one rotating and the rest shuffled (:func:`_round_order`);
-    a round is one call, or ``calls_per_round``
-    of them for a call under MIN_ROUND_MS (its figure then the mean per call). Returns
+    calls and one more), timed round-robin: each function runs once per round, the starting
+    one rotating and the rest shuffled (:func:`_round_order`). A function's turn is one
+    call, or ``calls_per_round`` of them (at most 1000) for a call under MIN_ROUND_MS, its
+    figure then the mean per call. Returns
     name -> result dict (``times_ms[i]`` is round ``i``, and ``paired`` says every round
     was timed), or the exception that function raised. ``on_call(name, phase)`` is told
     before each call (for a progress bar)."""

@@ -92,6 +92,8 @@ class OpSpec:
 
     impls:    backend -> :class:`Implementation` (dtypes and callables, declared together).
     skip:     (backend, device_type) -> why dispatch passes it over unless forced or tuned.
+              Dispatch remembers its choices: a change made to it after registration
+              takes effect at the next :func:`reload_tuned`.
     examples: ``examples(device, dtype) -> [(label, args, kwargs), ...]``: a few
               representative inputs for the public op ``fn`` (tensors that should get
               gradients have requires_grad set); ``kernelrl tune`` checks and times them.
@@ -130,7 +132,8 @@ def register_op(name: str, impls: dict[str, Implementation], *,
                              f"Implementation, got {type(impl).__name__}")
     spec = OpSpec(name, dict(impls), dict(skip or {}), examples, fn)
     _OPS[name] = spec
-    _choices.clear()
+    with _tuned_lock:
+        _forget_choices()
     return spec
 
 
@@ -359,7 +362,7 @@ def reload_tuned() -> None:
     with _tuned_lock:
         _tuned_cache.clear()
         builtin_table.cache_clear()
-        _choices.clear()
+        _forget_choices()
 
 
 @functools.lru_cache(maxsize=None)
@@ -461,20 +464,31 @@ def _select(op: str, device: torch.device, dtype: torch.dtype) -> str:
         return forced
     # The unforced choice is a pure function of this key until reload_tuned() or
     # register_op(): remembered, it costs a dict lookup instead of the table walk (a few µs
-    # on every op call). _native_status is part of the key so that replacing it (tests do)
-    # is seen; the key holds a reference, so its id is never reused while cached.
+    # on every op call). The native module's status is part of the key, so that a rebuilt
+    # or replaced status (tests do both) is seen.
     index = device.index
     if index is None and device.type == "cuda":
         index = torch.cuda.current_device()
-    key = (op, device.type, index, dtype, triton_interpret(), _native_status)
+    key = (op, device.type, index, dtype, triton_interpret(), _native_status())
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _default_choice(op, device.type, dtype, index)
+        generation = _choices_generation[0]
+        choice = _default_choice(op, device.type, dtype, index)
+        with _tuned_lock:      # not if a reload came in meanwhile: that choice may be stale
+            if generation == _choices_generation[0]:
+                _choices[key] = choice
     return choice
 
 
-#: (op, device type, index, dtype, TRITON_INTERPRET, native status fn) -> unforced choice
+#: (op, device type, index, dtype, TRITON_INTERPRET, native status) -> unforced choice
 _choices: dict = {}
+_choices_generation = [0]      # bumped whenever _choices is cleared
+
+
+def _forget_choices() -> None:
+    """Clear the remembered choices (the caller holds _tuned_lock, or is registering)."""
+    _choices.clear()
+    _choices_generation[0] += 1
 
 
 @dataclass(frozen=True)

@@ -525,5 +525,7 @@ def seed_builtin(results: Path, table: Path | None = None) -> int:
     text = (f'"""{module.__doc__}"""\n\nTABLE = '
             + pprint.pformat(merged, width=96, sort_dicts=True) + "\n")
     table_path.write_text(text, encoding="utf-8")
+    if table_path.resolve() == Path(module.__file__).resolve():
+        importlib.reload(module)    # the loaded table is this file: dispatch reads it anew
     backend.reload_tuned()
     return count

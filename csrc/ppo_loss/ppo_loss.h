@@ -63,13 +63,15 @@
 // a required float64 workspace of at least ppo_loss_cuda_workspace(B, T) doubles (it may be null
 // only where that is 0), holding per-(row, tile) partial sums while the call runs: its content on
 // return is unspecified (not S_b). The outputs are the CPU forward's and backward's (the same
-// columns, finish, agg codes, NaN and padding rules). Per token the same fp32 terms, except that
+// columns, finish, agg codes, NaN and padding rules). Per token the same fp32 formulas (nvcc
+// contracts some multiply-adds into FMAs, so a term may differ in its last bits), except that
 // every exp is a float64 exp rounded to fp32 (as the Triton kernels' exp_fp64: correctly rounded
 // in practice; the CPU's simd::exp may differ by 1 ulp), k3 beyond |k| >= 2 uses that exp, and
 // g_kl = -expm1(-k) in float64 rounded to fp32 (the Triton kernel's rounded 1 - exp(-k), without
 // its cancellation for tiny k), everywhere. The sums are float64 in another fixed order (tiles
 // of kPpoCudaTile tokens; ppo_loss.cu): results are bitwise reproducible run to run, and match
-// the CPU's to float64 rounding of the same fp32 terms. Outputs must not overlap the inputs.
+// the CPU's to within those last bits of the terms and float64 rounding of the sums. Outputs
+// must not overlap the inputs.
 //
 // Arguments: pointers, then sizes, then meta. Every [B, T] tensor is contiguous (row stride T);
 // the float inputs are all of `dtype`; advantages is [B] when adv_per_row. mask is uint8

@@ -525,6 +525,13 @@ def test_forward_without_autograd_matches(monkeypatch, name):
         plain = ppo_loss(**x, agg="seq-mean-token-mean")
     detached = ppo_loss(**{k: v.detach() if isinstance(v, torch.Tensor) else v
                            for k, v in x.items()}, agg="seq-mean-token-mean")
+    # an input that gets no gradient but requires one still gives a graph (as before)
+    only_adv = ppo_loss(**{**{k: v.detach() if torch.is_tensor(v) else v
+                              for k, v in x.items()},
+                           "advantages": x["advantages"].detach().requires_grad_()},
+                        agg="seq-mean-token-mean")[0]
+    assert only_adv.requires_grad
+    only_adv.backward()
     for other_loss, other_stats in (plain, detached):
         assert not other_loss.requires_grad
         assert torch.equal(other_loss, loss.detach())
@@ -589,14 +596,14 @@ def test_native_forced_on_cuda_runs_or_says_why():
     kernels); without it, forcing native there is a BackendError saying why."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if not NATIVE_OK:
+        pytest.skip("kernelrl._native is not built")
     x = make_inputs(3, 70, torch.float32, "cpu")
     on_gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in x.items()}
     if not NATIVE_CUDA_OK:
         with backend.force("native"), pytest.raises(backend.BackendError, match="CUDA"):
             ppo_loss(**on_gpu)
         return
-    if not NATIVE_OK:
-        pytest.skip("kernelrl._native is not built")
     with backend.force("native"):
         gpu = run(ppo_loss, on_gpu, agg="seq-mean-token-mean")
         cpu = run(ppo_loss, x, agg="seq-mean-token-mean")

@@ -129,6 +129,8 @@ def _config(x: PPOInputs, *scalars) -> PPOConfig:
     config is remembered (keyed by value and type, so True is never taken for 1)."""
     key = (x.logprobs.shape[1], x.rollout_logprobs is not None, x.entropy is not None,
            x.ref_logprobs is not None, *scalars)
+    if torch.compiler.is_compiling():   # traced once: the cache would only add a warning
+        return _checked_config.__wrapped__(*key)
     try:
         return _checked_config(*key)
     except TypeError:               # an unhashable argument: the uncached check says why
@@ -200,19 +202,16 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps
                   kl_loss_coef, agg, norm_length, tis_cap)
     backend = _backend.select("ppo_loss", logprobs.device, logprobs.dtype)
     tensors = tuple(None if t is None else t.contiguous() for t in x)
-    if torch.is_grad_enabled() and (logprobs.requires_grad or _wants_grad(values)
-                                    or _wants_grad(entropy)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         loss, stats = PPOLossFunction.apply(cfg, backend, *tensors)
-    else:           # nothing to differentiate: the forward alone, without autograd's cost
+    else:           # no graph to build: the forward alone, without autograd's cost
         loss, stats = _forward(cfg, backend, tensors, False)[:2]
-    names, columns = _stat_columns(values is not None, entropy is not None,
-                                   ref_logprobs is not None, rollout_logprobs is not None)
+    present = (values is not None, entropy is not None, ref_logprobs is not None,
+               rollout_logprobs is not None)
+    names, columns = (_stat_columns.__wrapped__(*present) if torch.compiler.is_compiling()
+                      else _stat_columns(*present))
     views = stats.unbind(0)         # one op for all eleven views
     return loss, dict(zip(names, [views[j] for j in columns]))
-
-
-def _wants_grad(t) -> bool:
-    return t is not None and t.requires_grad
 
 
 def _examples(device: torch.device, dtype: torch.dtype) -> list:
