@@ -59,6 +59,7 @@ import memory  # noqa: E402
 import progress  # noqa: E402
 import report  # noqa: E402
 from cases import Case, Impl, building_only, is_cuda, short_error  # noqa: E402,F401
+from timing import LOOP_UNDER_MS, time_gpu_loop  # noqa: E402
 from timing import (n_input_copies, rotating, time_cpu, time_cpu_interleaved,  # noqa: E402,F401
                     time_gpu)
 
@@ -341,6 +342,10 @@ def _time_all(case: Case, fns: dict, sets: list, rows: dict, warmup: int, reps: 
             elif is_cuda(device):
                 progress.step(name, "timing")
                 timing = time_gpu(rotating(fns[name], sets))
+                if timing["estimate_ms"] < LOOP_UNDER_MS:    # host-bound: also back to back
+                    loop = time_gpu_loop(rotating(fns[name], sets), timing["estimate_ms"])
+                    timing.update(loop_ms=loop["median_ms"], loop_spread=loop["spread"],
+                                  loop_calls=loop["calls_per_round"])
             else:
                 progress.step(name, "timing")
                 timing = time_cpu(rotating(fns[name], sets), warmup=warmup, reps=reps)
@@ -349,8 +354,8 @@ def _time_all(case: Case, fns: dict, sets: list, rows: dict, warmup: int, reps: 
                 times_ms=timing.get("times_ms"), spread=timing.get("spread"),
                 paired=bool(timing.get("paired")), n_input_copies=len(sets),
                 **({"n_runs": timing["n_runs"]} if "n_runs" in timing else {}),
-                **({"calls_per_round": timing["calls_per_round"]}
-                   if "calls_per_round" in timing else {}))
+                **{k: timing[k] for k in ("calls_per_round", "loop_ms", "loop_spread",
+                                          "loop_calls") if k in timing})
             progress.log(f"  {name}: median {timing['median_ms']:.3f} ms")
         except Exception as e:
             rows[name] = make_row(case, name, status="error", error=short_error(e))

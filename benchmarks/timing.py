@@ -8,7 +8,8 @@ GPU
     autograd, launches), the figure leaves out min(H, C), C the clear's duration. A call
     whose host side is shorter than the clear is timed by its device work alone, and
     between two host-bound calls the ratio of figures, (H1 − C) / (H2 − C), is larger
-    than that of their host times.
+    than that of their host times. So a call under ``LOOP_UNDER_MS`` is also timed back
+    to back (:func:`time_gpu_loop`, the row's ``loop_ms``), which counts its host time.
 CPU
     ``time.perf_counter``, median of ``reps`` (>= 5) runs after ``warmup`` (>= 1). The
     implementations of a case are timed round-robin (:func:`time_cpu_interleaved`), so a
@@ -163,6 +164,35 @@ def time_gpu(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100,
                                                         return_mode="all")]
     # Hundreds of runs: the JSON keeps their count, not the list.
     return dict(_result(times), times_ms=None, n_runs=len(times), estimate_ms=estimate)
+
+
+#: a GPU call whose do_bench estimate is under this also gets a back-to-back figure
+LOOP_UNDER_MS = 2.0
+
+
+def time_gpu_loop(fn: Callable[[], Any], estimate_ms: float, loop_ms: float = 50.0,
+                  rounds: int = 5) -> dict:
+    """Per-call time of ``fn`` called back to back, as a training loop calls it: CUDA events
+    around n calls (n from ``estimate_ms``, so that a round lasts about ``loop_ms``; at most
+    1000), with no L2 clear and no synchronisation between calls. A call bound by its host
+    side is timed at that host time here (the GPU waits for it), where do_bench leaves part
+    of it out (module docstring). Median of ``rounds`` rounds, per call."""
+    import torch
+
+    n = max(1, min(1000, math.ceil(loop_ms / max(estimate_ms, 1e-3))))
+    for _ in range(min(n, 10)):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(1, rounds)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return dict(_result(times), calls_per_round=n)
 
 
 def rotating(fn: Callable[[dict], Any], input_sets: list) -> Callable[[], Any]:

@@ -86,6 +86,31 @@ def test_time_cpu_interleaved_repeats_short_calls():
     assert res["slow"]["median_ms"] >= slow_ms
 
 
+def test_time_gpu_loop_is_per_call(monkeypatch):
+    """The back-to-back GPU figure is a round's elapsed time over its calls (CUDA events
+    stood in for by wall-clock stamps; synchronize does nothing here)."""
+    import torch
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    res = timing.time_gpu_loop(lambda: (calls.append(1), time.sleep(1e-3)), estimate_ms=1.0,
+                               loop_ms=10.0, rounds=3)
+    assert res["calls_per_round"] == 10
+    assert len(calls) == 10 + 3 * 10                 # 10 warm-up calls, then 3 rounds
+    assert 1.0 <= res["median_ms"] < 5.0             # per call, not per round
+
+
 def _row(case, impl, ms, status="ok", dtype="bf16", shape=None):
     return {"bench": "logprobs", "case": case, "shape": shape or {"N": 8, "V": 16},
             "dtype": dtype, "impl": impl, "median_ms": ms, "status": status}
