@@ -35,16 +35,29 @@ def library():
     return _backend.native_module()
 
 
+#: torch's own raw-stream query (what torch.compile's generated code calls), or None in a
+#: build without CUDA; the public route builds a torch.cuda.Stream object on every call.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream(index: int) -> int:
+    """The current CUDA stream of device ``index``, as the int a native kernel takes."""
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
 def launch(device: torch.device, cpu_fn: Callable, cuda_fn: Callable, *args) -> None:
     """Run a native kernel on ``device``: ``cpu_fn(*args)`` with the CPU kernels' thread
     count following ``torch.get_num_threads()``, or ``cuda_fn(*args, stream)`` on the
     current stream of ``device``."""
     if device.type == "cuda":
-        if device.index is None or device.index == torch.cuda.current_device():
-            cuda_fn(*args, torch.cuda.current_stream(device).cuda_stream)
+        here = torch.cuda.current_device()
+        if device.index is None or device.index == here:
+            cuda_fn(*args, current_stream(here))
         else:
             with torch.cuda.device(device):
-                cuda_fn(*args, torch.cuda.current_stream(device).cuda_stream)
+                cuda_fn(*args, current_stream(device.index))
         return
     lib = library()
     threads = torch.get_num_threads()
