@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from test_ppo_loss_native import (AGG, CFG, DTYPES, GRADS, INPUTS, MASK_KIND, NCOLS, POISON,
-                                  _bwd_args, _fwd_args, make_inputs, ptr, run_bwd, run_fwd)
+                                  _bwd_args, _fwd_args, make_inputs, poison_padding, ptr, run_bwd,
+                                  run_fwd)
 
 native = pytest.importorskip(
     "kernelrl._native", reason="kernelrl._native is not built (pip install -e . builds it)"
@@ -272,9 +273,7 @@ def test_cuda_padding_is_never_read(mask_dtype):
     x["mask"][4, 2048:] = 0
     clean = check_cuda_against_cpu(x, agg="seq-mean-token-mean")[0]
     pad = x["mask"] == 0
-    dirty_x = {k: v if k == "mask" or v.dim() == 1 else
-               v.masked_fill(pad, (math.nan, math.inf, -math.inf)[i % 3])
-               for i, (k, v) in enumerate(x.items())}
+    dirty_x = poison_padding(x, pad)
     dirty = run_fwd_cuda(dirty_x, agg="seq-mean-token-mean")
     assert all(torch.equal(a, b) for a, b in zip(clean, dirty))
     clean_g = run_bwd_cuda(x, clean[2], clean[3])

@@ -108,6 +108,14 @@ def make_inputs(B, T, dtype=torch.float32, *, mask_dtype=torch.uint8, per_row=Fa
     return {k: v if k == "mask" else v.to(dtype) for k, v in x.items()}
 
 
+def poison_padding(x, pad):
+    """x with NaN, inf or -inf (in turn, per input) written on the padding ``pad`` of every
+    [B, T] input but the mask."""
+    return {k: v if k == "mask" or v.dim() == 1 else
+            v.masked_fill(pad, (math.nan, math.inf, -math.inf)[i % 3])
+            for i, (k, v) in enumerate(x.items())}
+
+
 def reference_rows(x):
     """The rows' masked sums in float64, column by column (ppo_loss.h)."""
     d64 = {k: v.double() for k, v in x.items() if v is not None}
@@ -261,9 +269,7 @@ def test_padding_is_never_read(isa, mask_dtype):
     clean = run_fwd(x, agg="seq-mean-token-mean")
     clean_g = run_bwd(x, clean[3], clean[4])
     pad = x["mask"] == 0
-    dirty_x = {k: v if k == "mask" or v.dim() == 1 else
-               v.masked_fill(pad, (math.nan, math.inf, -math.inf)[i % 3])
-               for i, (k, v) in enumerate(x.items())}
+    dirty_x = poison_padding(x, pad)
     dirty = run_fwd(dirty_x, agg="seq-mean-token-mean")
     assert all(torch.equal(a, b) for a, b in zip(clean, dirty))
     dirty_g = run_bwd(dirty_x, dirty[3], dirty[4])
