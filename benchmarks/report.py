@@ -247,9 +247,11 @@ def format_table(report: dict) -> str:
     # One line per implementation and reason, not per case: a backend missing here is
     # missing for every case.
     not_run: dict = {}
-    for n in report.get("not_run") or []:
-        not_run.setdefault((n.get("impl"), n.get("note")), []).append(
-            f"{n.get('case')} {n.get('dtype')}")
+    for n in report.get("not_run") or []:       # one line per reason; each case once
+        where = not_run.setdefault((n.get("impl"), n.get("note")), [])
+        label = f"{n.get('case')} {n.get('dtype')}"
+        if label not in where:
+            where.append(label)
     for (impl, why), where in not_run.items():
         lines += _wrap(f"not run: {impl} ({why}) for {', '.join(where)}", indent="  ")
     for w in report.get("warnings") or []:

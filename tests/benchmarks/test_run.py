@@ -247,12 +247,15 @@ def test_not_run_rows_leave_results():
             _row("kernelrl[triton]", None, status="not_run", note="triton needs CUDA")]
     rows.append(_row("kernelrl[triton]", None, status="not_run", note="triton needs CUDA",
                      case="other case"))
+    rows.append(_row("kernelrl[triton]", None, status="not_run", note="triton needs CUDA",
+                     case="other case", shape={"N": 4, "V": 8}))     # the same case again
     rep = report.build_report(ENV, CEILINGS, rows)
     assert [r["impl"] for r in rep["results"]] == ["kernelrl"]
-    assert [n["impl"] for n in rep["not_run"]] == ["kernelrl[triton]"] * 2
+    assert [n["impl"] for n in rep["not_run"]] == ["kernelrl[triton]"] * 3
     text = report.format_table(rep)
     assert text.count("not run: kernelrl[triton] (triton needs CUDA)") == 1  # one line, both
     assert "other case fp32" in text and "linear_logprobs fwd+bwd per-token fp32" in text
+    assert text.count("other case fp32") == 1           # a case named once, at any shape
 
 
 # ----------------------------------------------------------------------------------------
