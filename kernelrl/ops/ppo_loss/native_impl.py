@@ -72,9 +72,8 @@ def _fwd_eager(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     _native.launch(device, lib.ppo_loss_fwd_cpu, lib.ppo_loss_fwd_cuda,
                    *_ptrs((logprobs, old_logprobs, advantages, mask, values, old_values,
                            returns, entropy, ref_logprobs, rollout_logprobs)),
-                   0 if rows is None else rows.data_ptr(), loss.data_ptr(), stats.data_ptr(),
-                   omega.data_ptr(),
-                   vf_scale.data_ptr(), B, T, _native.dtype_code(logprobs.dtype),
+                   0 if rows is None else rows.data_ptr(),
+                   *_ptrs((loss, stats, omega, vf_scale)), B, T, _native.dtype_code(logprobs.dtype),
                    _MASK_KIND[mask.dtype], advantages.dim() == 1, lo, hi, dual_clip,
                    value_clip, tis_cap, vf_coef, entropy_coef, kl_loss_coef, agg, norm_length)
     return loss, stats, omega, vf_scale

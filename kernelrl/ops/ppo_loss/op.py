@@ -71,9 +71,9 @@ def _stat_columns(has_values: bool, has_entropy: bool, has_ref: bool,
                   has_rollout: bool) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The stats a call returns (names, their columns): a term's stats only where its
     input was given."""
-    absent = {"vf_loss": has_values, "vf_clipfrac": has_values, "entropy": has_entropy,
-              "kl_loss": has_ref, "tis_weight_mean": has_rollout, "tis_clipfrac": has_rollout}
-    kept = [(name, j) for j, name in enumerate(COLUMNS) if j and absent.get(name, True)]
+    given = {"vf_loss": has_values, "vf_clipfrac": has_values, "entropy": has_entropy,
+             "kl_loss": has_ref, "tis_weight_mean": has_rollout, "tis_clipfrac": has_rollout}
+    kept = [(name, j) for j, name in enumerate(COLUMNS) if j and given.get(name, True)]
     return tuple(n for n, _ in kept), tuple(j for _, j in kept)
 
 
@@ -127,14 +127,20 @@ def _config(x: PPOInputs, *scalars) -> PPOConfig:
     entropy_coef, kl_loss_coef, agg, norm_length, tis_cap) checked (ValueError naming the
     argument) into a PPOConfig. A training loop passes the same ones every step: the checked
     config is remembered (keyed by value and type, so True is never taken for 1)."""
-    key = (x.logprobs.shape[1], x.rollout_logprobs is not None, x.entropy is not None,
-           x.ref_logprobs is not None, *scalars)
-    if torch.compiler.is_compiling():   # traced once: the cache would only add a warning
-        return _checked_config.__wrapped__(*key)
+    return _remembered(_checked_config, x.logprobs.shape[1], x.rollout_logprobs is not None,
+                       x.entropy is not None, x.ref_logprobs is not None, *scalars)
+
+
+def _remembered(fn, *args):
+    """``fn(*args)`` for an ``lru_cache``-wrapped ``fn``: through its cache eagerly, around
+    it while dynamo traces (traced once, the cache would only add a warning) or when an
+    argument is unhashable (the uncached call then says what is wrong with it)."""
+    if torch.compiler.is_compiling():
+        return fn.__wrapped__(*args)
     try:
-        return _checked_config(*key)
-    except TypeError:               # an unhashable argument: the uncached check says why
-        return _checked_config.__wrapped__(*key)
+        return fn(*args)
+    except TypeError:
+        return fn.__wrapped__(*args)
 
 
 @functools.lru_cache(maxsize=64, typed=True)
@@ -206,10 +212,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps
         loss, stats = PPOLossFunction.apply(cfg, backend, *tensors)
     else:           # no graph to build: the forward alone, without autograd's cost
         loss, stats = _forward(cfg, backend, tensors, False)[:2]
-    present = (values is not None, entropy is not None, ref_logprobs is not None,
-               rollout_logprobs is not None)
-    names, columns = (_stat_columns.__wrapped__(*present) if torch.compiler.is_compiling()
-                      else _stat_columns(*present))
+    names, columns = _remembered(_stat_columns, values is not None, entropy is not None,
+                                 ref_logprobs is not None, rollout_logprobs is not None)
     views = stats.unbind(0)         # one op for all eleven views
     return loss, dict(zip(names, [views[j] for j in columns]))
 
