@@ -15,6 +15,11 @@ entropy; the same inputs for every implementation in one run):
          TRL / veRL write it: masked means as Σ x·m / Σ m, stats detached, no host sync)
          | compile (torch.compile of eager). kernelrl also has a row per backend it can
          run here, forced (kernelrl[triton], kernelrl[torch]).
+         | floor: not an implementation but a lower bound, what autograd alone costs for
+         an op with these inputs: a torch.autograd.Function that computes nothing (an
+         uninitialized loss, uninitialized gradients) run forward and through
+         torch.autograd.grad to the same inputs. Every row pays it; not checked against
+         the reference, and no GB/s (it moves none of the case's bytes).
   bytes: the [B, T] inputs read in forward and again in backward, plus the gradients
          written (4 bytes each in fp32; a bool mask 1 byte).
 
@@ -53,7 +58,7 @@ from targets import faster, ms, target, why_missing  # noqa: E402
 
 BENCH = "ppo_loss"
 CASE_NAMES = {"ppo": "ppo_loss fwd+bwd PPO", "grpo": "ppo_loss fwd+bwd GRPO"}
-IMPLS = KERNELRL_IMPLS + ("eager", "compile")
+IMPLS = KERNELRL_IMPLS + ("eager", "compile", "floor")
 TARGET_SHAPE = {"B": 256, "T": 2048}            # the issue's shape, CPU and GPU
 HOST_SHAPE = {"B": 4, "T": 64}                  # host-bound: the per-call overhead
 GPU_SPEEDUP = 3
@@ -134,6 +139,30 @@ def _fwd_bwd(op, kw):
     return run
 
 
+def _autograd_floor():
+    """The "floor" row's fn(inputs): autograd's own cost for an op over these inputs
+    (forward, then torch.autograd.grad to the inputs that take gradients), with no math:
+    the loss and the gradients are uninitialized memory."""
+    import torch
+
+    class Nothing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            ctx.like = [t if t.requires_grad else None for t in tensors]
+            return tensors[0].new_empty(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            return tuple(None if t is None else torch.empty_like(t) for t in ctx.like)
+
+    def run(x):
+        loss = Nothing.apply(*(t for t in x.values()))
+        grads = torch.autograd.grad(loss, [x[k] for k in GRAD_INPUTS if k in x])
+        return (loss.detach().reshape(1), *grads)
+
+    return run
+
+
 def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
     import torch
 
@@ -172,6 +201,8 @@ def make_case(case_id: str, shape: dict, dtype: str, device: str) -> Case:
         **kernelrl_impls("ppo_loss", device, tdt, kernelrl_op),
         "eager": Impl(lambda: _fwd_bwd(eager_ppo_loss, KW[case_id])),
         "compile": Impl(lambda: _fwd_bwd(compiled(eager_ppo_loss), KW[case_id])),
+        "floor": Impl(_autograd_floor, checked=False,
+                      info={"note": "lower bound: autograd alone, no math"}),
     }
     itemsize = torch.empty((), dtype=tdt).element_size()
     n_float = 8 if ppo else 3                      # [B, T] float inputs besides the mask
@@ -208,7 +239,23 @@ def _gpu_speedup(rows: list, case_id: str, peer: str) -> dict:
         met = met and loop >= GPU_SPEEDUP
         detail += (f"; back to back {loop:.2f}x ({k['loop_ms']:.3f} vs {p['loop_ms']:.3f} "
                    "ms per call); MET needs both")
-    return target(label, "MET" if met else "NOT MET", detail)
+    return target(label, "MET" if met else "NOT MET", detail + _floor_note(rows, case_id, p))
+
+
+def _floor_note(rows: list, case_id: str, peer_row: dict) -> str:
+    """What the "floor" row says of the target: the fastest kernelrl could be is autograd's
+    own cost, so a peer under GPU_SPEEDUP times that cannot be beaten by GPU_SPEEDUP."""
+    f = report.find_row(rows, CASE_NAMES[case_id], "floor", TARGET_SHAPE, "fp32")
+    if ms(f) is None:
+        return ""
+    key = "loop_ms" if f.get("loop_ms") and peer_row.get("loop_ms") else "median_ms"
+    floor, peer = f[key], peer_row[key]
+    note = (f"; autograd floor {floor:.3f} ms ({'back to back' if key == 'loop_ms' else 'do_bench'}"
+            f"): {GPU_SPEEDUP}x needs kernelrl <= {peer / GPU_SPEEDUP:.3f} ms")
+    if floor * GPU_SPEEDUP > peer:
+        note += (f", under the floor: out of reach at this size (the peer takes "
+                 f"{peer / floor:.2f}x the floor)")
+    return note
 
 
 def targets(rep: dict) -> list:

@@ -38,6 +38,7 @@ LEGEND = {
     # two families have a dense row (bench_nf4, bench_moe); the legend is one line per run
     "dense": "the dense bf16 ceiling (nf4: F.linear on the dequantized weight; moe: plain "
              "GEMMs of the routed work's FLOPs)",
+    "floor": "autograd alone, no math (a lower bound; bench_ppo_loss)",
 }
 
 
@@ -59,6 +60,9 @@ class Impl:
     # but its CPU peak memory, a process per figure, is that one's and not measured twice.
     same_as: Optional[str] = None
     info: Optional[dict] = None   # extra keys for the JSON row, e.g. which backend ran
+    # False for a diagnostic row that does not compute the case's result (a lower bound
+    # such as bench_ppo_loss's "floor"): timed, never compared with the reference.
+    checked: bool = True
 
 
 @dataclass

@@ -293,6 +293,9 @@ def _check_against_reference(case: Case, fns: dict, x0: dict, rows: dict) -> Non
     for name in list(fns):
         if name == case.ref:
             continue
+        if not case.impls[name].checked:
+            progress.log(f"  {name}: not checked (a diagnostic row, it computes nothing)")
+            continue
         progress.step(name, "check")
         try:
             x = _clone_inputs(x0) if case.impls[name].mutates_inputs else x0
@@ -356,6 +359,8 @@ def _time_all(case: Case, fns: dict, sets: list, rows: dict, warmup: int, reps: 
                 **({"n_runs": timing["n_runs"]} if "n_runs" in timing else {}),
                 **{k: timing[k] for k in ("calls_per_round", "loop_ms", "loop_spread",
                                           "loop_calls") if k in timing})
+            if not case.impls[name].checked:      # moves none of the case's bytes
+                rows[name].update(gbps=None, tflops=None)
             progress.log(f"  {name}: median {timing['median_ms']:.3f} ms")
         except Exception as e:
             rows[name] = make_row(case, name, status="error", error=short_error(e))

@@ -58,3 +58,19 @@ def test_gpu_targets_need_the_back_to_back_figures_too(fam):
     loops["compile"] = 0.95                                               # 3.2x
     got = _statuses(fam, _rows(fam, times, loops))
     assert all(t["status"] == "MET" for t in got.values()), got
+
+
+def test_gpu_targets_say_where_the_autograd_floor_puts_them(fam):
+    # the floor row: autograd alone. compile at 2.5x the floor: 3x is out of reach
+    times = {"kernelrl": 0.3, "eager": 2.0, "compile": 0.5, "floor": 0.2}
+    got = _statuses(fam, _rows(fam, times))
+    for name, t in got.items():
+        assert "autograd floor 0.200 ms (do_bench)" in t["detail"], t
+        assert ("out of reach" in t["detail"]) == ("compile" in name), t
+        assert t["status"] == ("MET" if "eager" in name else "NOT MET"), t
+    # back-to-back figures, where both rows have them, are the ones compared
+    loops = {"kernelrl": 0.3, "eager": 2.2, "compile": 0.7, "floor": 0.2}   # 3.5x the floor
+    got = _statuses(fam, _rows(fam, times, loops))
+    for t in got.values():
+        assert "autograd floor 0.200 ms (back to back)" in t["detail"], t
+        assert "out of reach" not in t["detail"], t

@@ -187,6 +187,8 @@ def test_run_case_reports_failures_and_mismatches_as_rows():
         "crashes": common.Impl(lambda: lambda x: (_ for _ in ()).throw(RuntimeError("oom"))),
         "missing": common.Impl(broken),
         "skipped": common.Impl(lambda: None, skip="CUDA only"),
+        # a diagnostic lower bound: its output is not the result, and must not be judged
+        "bound": common.Impl(lambda: lambda x: (x["x"][:1],), checked=False),
     }
     case = common.Case(bench="t", case_id="softmax", case="softmax fwd", shape={"N": 64, "V": 32},
                        dtype="fp32", make_inputs=make_inputs, impls=impls, check=check,
@@ -200,6 +202,8 @@ def test_run_case_reports_failures_and_mismatches_as_rows():
     assert rows["crashes"]["status"] == "error" and "oom" in rows["crashes"]["error"]
     assert rows["missing"]["status"] == "error" and "not installed" in rows["missing"]["error"]
     assert rows["skipped"]["status"] == "skipped" and rows["skipped"]["note"] == "CUDA only"
+    assert rows["bound"]["status"] == "ok" and rows["bound"]["median_ms"] > 0
+    assert rows["bound"]["gbps"] is None            # it moves none of the case's bytes
     for name in ("wrong", "crashes", "missing", "skipped"):
         assert rows[name]["median_ms"] is None
 

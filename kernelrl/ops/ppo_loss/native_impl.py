@@ -103,7 +103,7 @@ def _bwd_eager(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     """-> the gradients to (logprobs, values, entropy) in logprobs' dtype, [B, T] where
     needed, else empty [0]."""
     B, T = logprobs.shape
-    grads = [torch.empty((B, T) if need else (0,), dtype=logprobs.dtype, device=logprobs.device)
+    grads = [torch.empty_like(logprobs) if need else logprobs.new_empty(0)
              for need in (need_logprobs, need_values, need_entropy)]
     scalars = [t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
                for t in (grad_loss, omega, vf_scale)]
