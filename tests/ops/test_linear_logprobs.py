@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backends import DEVICES, use_backend
+from kernelrl.backend import BackendError
 from kernelrl.ops import linear_logprobs
 import importlib
 linear_module = importlib.import_module("kernelrl.ops.linear_logprobs")
@@ -236,17 +237,19 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, message):
 
 # ---- the scalar (gradient-in-forward) path, NaN rows, all-ignored mean, memory -------------
 
+# float64 runs on the torch backend only (forcing a kernel onto it: the test after this one)
+SCALAR_PATH_CASES = [(name, dtype) for name in BACKENDS
+                     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+                     if dtype != torch.float64 or name == "torch"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
-                         ids=str)
+@pytest.mark.parametrize("name,dtype", SCALAR_PATH_CASES, ids=str)
 def test_scalar_path_matches_reference(monkeypatch, name, reduction, dtype, device):
     """reduction="sum"/"mean" without entropy computes the gradients during the forward and
     scales them by the (random, not 1) upstream scalar in backward (16-bit: on a GPU, with
     float32 accumulators; on a CPU 16-bit takes the per-token path, checked the same)."""
-    if dtype == torch.float64 and name != "torch":
-        pytest.skip("float64 runs on the torch backend only")
     use_backend(monkeypatch, name, device, op="linear_logprobs", dtype=dtype)
     hidden, weight, b, labels = make_inputs(37, 24, 700, dtype, device, ignore_frac=0.3)
     c = float(torch.randn(()))
@@ -261,6 +264,15 @@ def test_scalar_path_matches_reference(monkeypatch, name, reduction, dtype, devi
                 hidden, weight, b, labels, torch.ones((), device=device), None)
     for i, what in [(0, "loss"), (2, "grad_hidden"), (3, "grad_weight"), (4, "grad_bias")]:
         check(what, out[i].reshape(-1), ref[i].reshape(-1), eager[i].reshape(-1), dtype)
+
+
+@pytest.mark.parametrize("name", ["native", "triton"])
+def test_float64_cannot_be_forced_onto_a_kernel(monkeypatch, name):
+    monkeypatch.setenv("KERNELRL_BACKEND", name)
+    hidden, weight, _, labels = make_inputs(5, 8, 40, torch.float64, "cpu")
+    with pytest.raises(BackendError, match=f"KERNELRL_BACKEND={name} cannot run "
+                                           "linear_logprobs on cpu float64: .* not float64"):
+        linear_logprobs(hidden, weight, labels, reduction="mean")
 
 
 def test_scalar_path_second_backward_raises():
