@@ -420,6 +420,32 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     bias: torch.Tensor | None = None, temperature: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False,
                     chunk_size: int | None = None, reduction: str = "none"):
+    """log softmax((hidden·weightᵀ + bias) / temperature)[label], without ever holding the
+    N×V logits (the two paths and their costs: the module docstring).
+
+    Args:
+        hidden: [..., H] float32, float16 or bfloat16 (float64 runs on the torch backend).
+        weight: [V, H] the lm_head, in hidden's dtype. bias: [V] or None.
+        labels: [...] (hidden's leading dims) integer token ids in [0, V), or
+            ``ignore_index``.
+        temperature: divides the logits before the softmax (> 0).
+        ignore_index: label value whose positions give logp = entropy = 0 and no gradient.
+        return_entropy: also return the entropy of each position's softmax.
+        chunk_size: tiles hold about ``chunk_size·V`` logits (None: 2^20 logits on a CPU,
+            2^26 on a GPU, 4x that for the sum/mean path); peak extra memory is
+            O(chunk_size·V + N·H) whatever it is.
+        reduction: "none" (per position), "sum" or "mean" (over the positions whose label
+            is not ``ignore_index``; 0 when there are none). "sum"/"mean" without entropy
+            compute the gradients during the forward (one matmul fewer); such a graph can
+            be backpropagated once.
+
+    Returns:
+        logp [...] float32 (float64 for float64 inputs), or a 0-d tensor for "sum"/"mean";
+        (logp, entropy) when ``return_entropy``. Gradients flow to hidden, weight and bias.
+
+    A label outside [0, V) that is not ``ignore_index`` gives NaN (``KERNELRL_DEBUG=1``
+    raises ValueError instead).
+    """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim_min=1)
     check_tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2)
     check_same_device("weight", weight, hidden.device)
