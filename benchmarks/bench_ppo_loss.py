@@ -156,7 +156,7 @@ def _autograd_floor():
             return tuple(None if t is None else torch.empty_like(t) for t in ctx.like)
 
     def run(x):
-        loss = Nothing.apply(*(t for t in x.values()))
+        loss = Nothing.apply(*x.values())
         grads = torch.autograd.grad(loss, [x[k] for k in GRAD_INPUTS if k in x])
         return (loss.detach().reshape(1), *grads)
 

@@ -37,7 +37,9 @@ class PPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, backend, *tensors):
-        ctx.set_materialize_grads(False)    # stats take no gradient: no zeros to build
+        # the stats are non-differentiable: their gradient slot stays None instead of a
+        # zeros tensor built on every backward
+        ctx.set_materialize_grads(False)
         needs = ctx.needs_input_grad
         loss, stats, omega, vf_scale, saved = _forward(cfg, backend, tensors,
                                                        needs[2] or needs[6] or needs[9])
@@ -49,7 +51,7 @@ class PPOLossFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only("ppo_loss")
     def backward(ctx, grad_loss, grad_stats):
-        if grad_loss is None:               # only the stats were differentiated: all zero
+        if grad_loss is None:     # only a stat was differentiated (gradcheck does): zero
             return (None,) * (2 + ctx.config[2])
         cfg, backend, n = ctx.config
         saved = ctx.saved_tensors
